@@ -1,0 +1,382 @@
+"""Frozen-feature probes: how much a representation knows, measured with few labels.
+
+A pretrained encoder is judged by what a *cheap* classifier can read off its frozen features:
+
+- **kNN** (Wu et al. 2018, arXiv:1805.01978; the variant DINO reports, arXiv:2104.14294): cosine
+  similarity to the training features, the k nearest vote for their class with weight
+  exp(similarity / T). No fitting and no hyper-parameters to tune, so it is the quick signal
+  during pretraining.
+- **Linear probe**: multinomial logistic regression on standardised features, its inverse
+  regularisation C chosen by cross-validation on the training labels only. The standard protocol
+  for "linearly decodable" (SimCLR, BYOL, MAE all report it).
+
+`probe_suite` runs both over a range of label fractions (nested subsets from
+`selfsup.adapt.sampling`) and `format_table` prints the label-efficiency table that compares
+feature sets (raw pixels, a random encoder, a pretrained one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # scikit-learn is imported lazily: importing it took ~1.5 s here
+    from sklearn.linear_model import LogisticRegression
+
+from selfsup.adapt.sampling import stratified_fraction
+from selfsup.errors import SelfsupError
+
+logger = logging.getLogger(__name__)
+
+PROBES = ("linear", "knn")
+# Cross-validation folds for choosing C; a class needs this many examples to appear in every fold.
+_NUM_CV_FOLDS = 3
+# C used when the training subset is too small to cross-validate (the scikit-learn default).
+_FALLBACK_C = 1.0
+# Below this many multiply-adds per logistic-loss gradient (examples x width x classes), BLAS runs
+# single-threaded: at 4,000 x 512 x 10 one thread was 10-20x faster than two on a shared 2-core
+# machine (thread wake-ups dominate such small products). Larger problems keep all BLAS threads
+# (the 2**27 cut-off is a judgement, not measured: this machine cannot time large fits fairly).
+_SERIAL_BLAS_MAX_WORK = 2**27
+# Non-convergence is reported at WARNING once per process, then at DEBUG: a probe suite fits
+# dozens of models and one line is enough to tell the user to raise max_iter.
+_convergence_warned = False
+
+
+@torch.no_grad()
+def extract_features(
+    embed: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    preprocess: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Embed every input in batches and return the features as float32 on the CPU, [N, D].
+
+    Each batch is moved to `device` and then passed through `preprocess` (so normalisation or a
+    dtype conversion runs on the accelerator, and only the raw, often smaller, batch is copied).
+    `autocast_dtype` (e.g. torch.bfloat16) runs `embed` under autocast. The caller puts a module
+    in eval mode first: batch-norm or dropout in train mode would make features batch-dependent.
+    """
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise SelfsupError(f"batch_size must be a positive integer, got {batch_size!r}")
+    num_inputs = len(inputs)
+    if num_inputs == 0:
+        raise SelfsupError("extract_features got no inputs: the dataset or split is empty")
+    device = torch.device(device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    feature_batches = []
+    for start in range(0, num_inputs, batch_size):
+        batch = inputs[start : start + batch_size].to(device)
+        num_batch = len(batch)
+        if preprocess is not None:
+            batch = preprocess(batch)
+        with autocast:
+            features = embed(batch)
+        if features.ndim != 2 or features.shape[0] != num_batch:
+            raise SelfsupError(
+                f"embed must return one pooled feature vector per input, [B, D] with B={num_batch}, "
+                f"got shape {tuple(features.shape)}; pass encoder.embed, not encoder.forward"
+            )
+        feature_batches.append(features.float().cpu())
+    return torch.cat(feature_batches)
+
+
+def _check_split(name: str, x: Tensor, y: Tensor) -> None:
+    """Reject features/labels that cannot be one feature row and one class index per example."""
+    if x.ndim != 2:
+        raise SelfsupError(f"{name}_x must be features [N, D], got shape {tuple(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise SelfsupError(
+            f"{name}_y must hold one class index per row of {name}_x ({len(x)} rows), got shape {tuple(y.shape)}"
+        )
+    if len(x) == 0:
+        raise SelfsupError(f"the {name} split is empty: a probe needs at least one {name} example")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise SelfsupError(f"{name}_y must hold integer class indices, got dtype {y.dtype}")
+
+
+def knn_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> float:
+    """Accuracy of a temperature-weighted cosine kNN classifier (Wu et al. 2018 / DINO).
+
+    Each test row's k most cosine-similar training rows vote for their class with weight
+    exp(similarity / temperature). Test rows are processed `chunk` at a time so memory stays at
+    chunk x len(train) similarities. k is clipped to the number of training rows; as the
+    temperature goes to 0 the vote becomes 1-nearest-neighbour.
+    """
+    _check_split("train", train_x, train_y)
+    _check_split("test", test_x, test_y)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise SelfsupError(
+            f"train and test features differ in width ({train_x.shape[1]} vs {test_x.shape[1]}): "
+            "were they extracted by the same encoder?"
+        )
+    if isinstance(k, bool) or k < 1:
+        raise SelfsupError(f"k (neighbours) must be a positive integer, got {k!r}")
+    if not temperature > 0:
+        raise SelfsupError(f"kNN temperature must be > 0, got {temperature!r}")
+    if chunk < 1:
+        raise SelfsupError(f"chunk (test rows per step) must be a positive integer, got {chunk!r}")
+    min_label = int(min(train_y.min(), test_y.min()))
+    max_label = int(max(train_y.max(), test_y.max()))
+    if num_classes is None:
+        num_classes = max_label + 1
+    if min_label < 0 or max_label >= num_classes:
+        raise SelfsupError(
+            f"labels must be class indices in [0, num_classes={num_classes}), found values in [{min_label}, {max_label}]"
+        )
+
+    N_train, _ = train_x.shape
+    N_test, _ = test_x.shape
+    num_neighbours = min(k, N_train)
+    train_feats = F.normalize(train_x.float(), dim=1)
+    test_feats = F.normalize(test_x.to(train_feats.device).float(), dim=1)
+    train_labels = train_y.to(train_feats.device).long()
+    test_labels = test_y.to(train_feats.device).long()
+    num_correct = 0
+    for start in range(0, N_test, chunk):
+        sims = test_feats[start : start + chunk] @ train_feats.T  # [Q, N_train], Q queries in this chunk
+        top_sims, top_idx = sims.topk(num_neighbours, dim=1)  # [Q, K], most similar first
+        # Shifting by each row's best similarity multiplies that row's weights by one constant, so
+        # the vote is exp(sim / T)'s, but it cannot overflow when T is tiny (exp(1 / 1e-4) = inf).
+        weights = torch.exp((top_sims - top_sims[:, :1]) / temperature)
+        votes = torch.zeros(len(sims), num_classes, device=sims.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)  # [Q, num_classes]
+        num_correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk]).sum())
+    return num_correct / N_test
+
+
+def _fit_logistic(
+    x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int, model: LogisticRegression | None = None
+) -> LogisticRegression:
+    """Fit (or warm-start `model` at a new C) multinomial logistic regression; returns the model.
+
+    Non-convergence is detected from n_iter_ rather than sklearn's warning (which is silenced),
+    so it is reported once instead of once per fit.
+    """
+    global _convergence_warned
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    if model is None:
+        model = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed, warm_start=True)
+    else:
+        model.set_params(C=c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    if int(np.max(model.n_iter_)) >= max_iter:
+        level = logging.DEBUG if _convergence_warned else logging.WARNING
+        _convergence_warned = True
+        logger.log(
+            level,
+            "linear probe: logistic regression (C=%g, %d examples) stopped at max_iter=%d before converging; "
+            "accuracy may be slightly underestimated, raise max_iter if it matters (reported once)",
+            c,
+            len(x),
+            max_iter,
+        )
+    return model
+
+
+def _select_c(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], max_iter: int, seed: int) -> float:
+    """The C with the best stratified k-fold accuracy on the training set; ties go to the smaller C.
+
+    Each fold standardises with its own training part, as the final probe does, so the held-out
+    fold is scored exactly the way the test set will be. C values are fitted in increasing order
+    with warm starts: neighbouring C have nearby solutions, so each fit starts close to its optimum.
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    ascending = sorted(c_grid)
+    num_correct = np.zeros(len(ascending))
+    folds = StratifiedKFold(n_splits=_NUM_CV_FOLDS, shuffle=True, random_state=seed)
+    for fit_idx, val_idx in folds.split(x, y):
+        scaler = StandardScaler().fit(x[fit_idx])
+        x_fit, x_val = scaler.transform(x[fit_idx]), scaler.transform(x[val_idx])
+        model = None
+        for i, c in enumerate(ascending):
+            model = _fit_logistic(x_fit, y[fit_idx], c, max_iter, seed, model)
+            num_correct[i] += np.sum(model.predict(x_val) == y[val_idx])
+    # argmax returns the first maximum, i.e. the strongest regularisation among equals.
+    return float(ascending[int(np.argmax(num_correct))])
+
+
+def linear_probe_accuracy(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    seed: int = 0,
+    c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
+    max_iter: int = 1000,
+) -> tuple[float, float]:
+    """Test accuracy of a multinomial logistic-regression probe, and the C it used.
+
+    Features are standardised with the *training* mean and variance only (the test set must not
+    leak into the probe). C is chosen from `c_grid` by stratified 3-fold cross-validation on the
+    training set when every class has at least 3 training examples; with fewer (e.g. a 1 % label
+    budget) cross-validation is meaningless and C=1.0 is used instead (or the only grid value, if
+    the grid has one).
+    """
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    _check_split("train", train_x, train_y)
+    _check_split("test", test_x, test_y)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise SelfsupError(
+            f"train and test features differ in width ({train_x.shape[1]} vs {test_x.shape[1]}): "
+            "were they extracted by the same encoder?"
+        )
+    if len(c_grid) == 0 or not all(math.isfinite(c) and c > 0 for c in c_grid):
+        raise SelfsupError(f"c_grid must be a non-empty list of positive numbers, got {list(c_grid)!r}")
+    if isinstance(max_iter, bool) or max_iter < 1:
+        raise SelfsupError(f"max_iter must be a positive integer, got {max_iter!r}")
+    x_train = train_x.detach().float().cpu().numpy()
+    y_train = train_y.detach().cpu().numpy()
+    x_test = test_x.detach().float().cpu().numpy()
+    y_test = test_y.detach().cpu().numpy()
+    classes, counts = np.unique(y_train, return_counts=True)
+    if len(classes) < 2:
+        raise SelfsupError(
+            f"the linear probe's training set holds a single class ({classes[0].item()!r}): a classifier "
+            "needs at least two; use a larger label fraction or check the labels"
+        )
+
+    N_train, D = x_train.shape
+    serial = N_train * D * len(classes) <= _SERIAL_BLAS_MAX_WORK
+    with threadpool_limits(limits=1 if serial else None):
+        if len(c_grid) == 1:
+            chosen_c = float(c_grid[0])
+        elif counts.min() >= _NUM_CV_FOLDS:
+            chosen_c = _select_c(x_train, y_train, c_grid, max_iter, seed)
+        else:
+            chosen_c = _FALLBACK_C
+        scaler = StandardScaler().fit(x_train)
+        model = _fit_logistic(scaler.transform(x_train), y_train, chosen_c, max_iter, seed)
+        accuracy = float(np.mean(model.predict(scaler.transform(x_test)) == y_test))
+    return accuracy, chosen_c
+
+
+@dataclass
+class ProbeResult:
+    """One cell of the label-efficiency table."""
+
+    features: str  # which representation was probed, e.g. "raw", "random", "simclr"
+    label_fraction: float  # share of the training labels the probe was given
+    probe: str  # "knn" or "linear"
+    accuracy: float  # on the full test set, in [0, 1]
+    num_labels: int  # training examples the probe actually used
+
+    def as_dict(self) -> dict:
+        """Plain dict for metrics.jsonl and reports."""
+        return dataclasses.asdict(self)
+
+
+def probe_suite(
+    name: str,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    fractions: Sequence[float] = (0.01, 0.1, 1.0),
+    seed: int = 0,
+    k: int = 20,
+    probes: Sequence[str] = ("linear", "knn"),
+) -> list[ProbeResult]:
+    """Run every probe at every label fraction of the training set, scored on the full test set.
+
+    kNN uses min(k, the smallest class count in the subset) neighbours. The subsets come from `stratified_fraction` with one seed, so they are nested across
+    fractions and identical across feature sets probed with the same labels and seed.
+    """
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown or not probes:
+        raise SelfsupError(f"unknown probe(s) {unknown!r}; choose from {list(PROBES)}")
+    if not fractions:
+        raise SelfsupError("fractions is empty: give at least one label fraction, e.g. [1.0]")
+    _check_split("train", train_x, train_y)
+    _check_split("test", test_x, test_y)
+    # Sample every subset up front so a bad fraction fails before any probe spends time.
+    subsets = [stratified_fraction(train_y, fraction, seed) for fraction in fractions]
+    # One class count for every subset: a small subset may lack the highest class index.
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    results = []
+    for fraction, subset in zip(fractions, subsets):
+        index = torch.from_numpy(subset)
+        sub_x, sub_y = train_x[index], train_y[index]
+        for probe in probes:
+            if probe == "linear":
+                accuracy, _ = linear_probe_accuracy(sub_x, sub_y, test_x, test_y, seed=seed)
+            else:
+                # With a few labels per class, k=20 neighbours would mostly be other classes' few
+                # examples: cap k at the smallest class's count in the subset.
+                smallest = int(torch.bincount(sub_y)[torch.unique(sub_y)].min())
+                accuracy = knn_accuracy(sub_x, sub_y, test_x, test_y, k=min(k, smallest), num_classes=num_classes)
+            results.append(ProbeResult(name, float(fraction), probe, accuracy, len(subset)))
+    return results
+
+
+def _fraction_label(fraction: float) -> str:
+    """0.01 -> '1 %', 0.005 -> '0.5 %'; %g also hides float noise such as 0.07 * 100."""
+    return f"{fraction * 100:g} %"
+
+
+def format_table(results: list[ProbeResult]) -> str:
+    """A plain-text table: one row per (features, probe), one column per label fraction.
+
+    Accuracies are percentages with one decimal; a missing cell shows '-'. Rows keep the order in
+    which they first appear in `results`; columns are sorted by fraction.
+    """
+    if not results:
+        return "(no probe results)"
+    rows: dict[tuple[str, str], dict[float, float]] = {}
+    for result in results:
+        cells = rows.setdefault((result.features, result.probe), {})
+        if result.label_fraction in cells:
+            raise SelfsupError(
+                f"two results for features={result.features!r}, probe={result.probe!r}, "
+                f"label fraction {result.label_fraction}: give each run a distinct features name"
+            )
+        cells[result.label_fraction] = result.accuracy
+    fractions = sorted({result.label_fraction for result in results})
+    header = ["features", "probe"] + [_fraction_label(f) for f in fractions]
+    body = [
+        [features, probe] + [f"{cells[f] * 100:.1f}" if f in cells else "-" for f in fractions]
+        for (features, probe), cells in rows.items()
+    ]
+    widths = [max(len(line[col]) for line in [header, *body]) for col in range(len(header))]
+
+    def render(line: list[str]) -> str:
+        # Names read left-aligned, numbers right-aligned so decimals line up.
+        names = [cell.ljust(width) for cell, width in zip(line[:2], widths[:2])]
+        numbers = [cell.rjust(width) for cell, width in zip(line[2:], widths[2:])]
+        return "  ".join(names + numbers).rstrip()
+
+    return "\n".join(render(line) for line in [header, *body])

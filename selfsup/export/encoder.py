@@ -1,0 +1,53 @@
+"""The pretrained encoder as a run hands it on: `encoder.safetensors` + `encoder.json`.
+
+`encoder.json` says how to rebuild the module (registry name and config) and how inputs must be
+prepared (size, channels, normalisation), so a probe, an adapter or another program can use the
+weights without the run's config or any pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from selfsup.encoders import build_encoder
+from selfsup.errors import SelfsupError
+
+WEIGHTS, META = "encoder.safetensors", "encoder.json"
+
+
+def save_encoder(directory: Path, encoder: nn.Module, meta: dict[str, Any]) -> None:
+    """Writes both files atomically (temporary name, then rename); `meta` must hold "encoder" and "preprocess"."""
+    assert "encoder" in meta and "preprocess" in meta
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{WEIGHTS}.tmp"
+    save_model(encoder, str(tmp))
+    os.replace(tmp, directory / WEIGHTS)
+    tmp = directory / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / META)
+
+
+def load_encoder(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(encoder in eval mode, its meta) from a run directory or any folder holding the two files."""
+    meta_path, weights = Path(directory) / META, Path(directory) / WEIGHTS
+    for path in (meta_path, weights):
+        if not path.is_file():
+            raise SelfsupError(f"{path}: not found; is {directory} a finished selfsup run directory?")
+    try:
+        meta = json.loads(meta_path.read_text())
+        encoder = build_encoder(**meta["encoder"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SelfsupError(f"{meta_path}: not a valid encoder description ({err})") from None
+    try:
+        missing, unexpected = load_model(encoder, str(weights), strict=False)
+    except Exception as err:  # safetensors raises its own types for truncated/corrupt headers
+        raise SelfsupError(f"{weights}: cannot read weights ({err})") from None
+    if missing or unexpected:
+        raise SelfsupError(f"{weights}: weights do not match {meta_path} (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return encoder.eval(), meta

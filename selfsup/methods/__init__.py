@@ -1,0 +1,48 @@
+"""The registry of self-supervised objectives: one file each, one line here.
+
+Adding an objective: copy the nearest method file, edit its `Config` and `forward`, add its line to
+`METHODS`; the contract test in tests/methods covers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from selfsup.config import from_dict, nearest
+from selfsup.errors import SelfsupError
+from selfsup.methods import simclr
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    config: type  # the method's Config dataclass
+    cls: type[nn.Module]  # the method module: __init__(cfg, encoder), forward(batch, progress) -> dict
+    inputs: Literal["views"]  # what the batch must carry: "views" = augmented views of each image
+    summary: str  # one line for `--help` and `selfsup methods`
+
+
+METHODS: dict[str, MethodSpec] = {
+    "simclr": MethodSpec(simclr.Config, simclr.SimCLR, "views", "SimCLR (Chen et al. 2020): NT-Xent between two views"),
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise SelfsupError(f"unknown method `{name}`{nearest(name, METHODS)}")
+    return METHODS[name]
+
+
+def method_config(section: dict[str, Any]) -> Any:
+    """The chosen method's Config from a `method:` section (`name` + the method's knobs)."""
+    name = section.get("name")
+    if not isinstance(name, str):
+        raise SelfsupError("`method.name` is required, e.g. `method.name=simclr`")
+    knobs = {k: v for k, v in section.items() if k != "name"}
+    return from_dict(method_spec(name).config, knobs, prefix="method.")
+
+
+def build_method(section: dict[str, Any], encoder: nn.Module) -> nn.Module:
+    return method_spec(section["name"]).cls(method_config(section), encoder)

@@ -1,0 +1,108 @@
+"""What a run tells the user while it trains: metrics.jsonl, a progress bar or log lines, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from selfsup.errors import SelfsupError
+
+log = logging.getLogger("selfsup")
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops the lines of steps after the checkpoint.
+
+    Those steps are about to be trained again, and keeping both copies would make the curve lie.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise SelfsupError(f"{path}:{number}: not a JSON line") from None
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Progress:
+    """A rich progress bar on a terminal; otherwise one plain log line every `every` steps."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool = True, title: str = "pretrain"):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.start_time, self.start_step = time.perf_counter(), start
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self._task = self._bar.add_task(title, total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, row: dict[str, Any], warning: str | None = None) -> None:
+        if not self.enabled:
+            return
+        shown = {k: row[k] for k in ("loss", "lr", "samples_per_s", "knn_acc") if k in row}
+        info = "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+        if warning:
+            info += f"  [red]{warning}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total or warning:
+            elapsed = time.perf_counter() - self.start_time
+            done = step - self.start_step
+            eta = elapsed / done * (self.total - step) if done else math.nan
+            log.info("step %d/%d  %s  eta %.0fs%s", step, self.total, info.replace("[red]", ""), eta,
+                     f"  WARNING: {warning}" if warning else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class TensorBoard:
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SelfsupError("`train.tensorboard=true` needs TensorBoard: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
