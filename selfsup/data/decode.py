@@ -1,0 +1,168 @@
+"""Decoding image files with Pillow, and the policy for files that cannot be decoded.
+
+Each file becomes uint8 [channels, S, S]: its centred square is cropped on whole source pixels and
+resized to S (bilinear), after EXIF orientation is applied. Colour: greyscale is ITU-R 601 luma as
+Pillow computes it, transparent pixels are composited onto white, 16-bit and float images are
+scaled to 8 bits. A file that cannot become an image raises `_BadFile` with a reason a user can
+act on; `_decode_all` turns those into an error naming the file, or (on_bad="skip") drops them,
+logs a summary and still fails once more than `max_bad_fraction` of the files are bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from selfsup.errors import SelfsupError
+
+logger = logging.getLogger("selfsup")
+
+# Pillow releases the GIL while decoding, so a few threads overlap decode with file I/O; more would
+# only fight the other jobs on a small machine.
+_MAX_DECODE_WORKERS = 4
+# Bad-file summaries name this many files; a long list hides the pattern instead of showing it.
+_NUM_NAMED = 5
+
+
+
+class _BadFile(Exception):
+    """A file that cannot become an image; carries the reason a user reads."""
+
+
+@dataclass
+class _BadFilePolicy:
+    on_bad: str
+    max_bad_fraction: float
+
+
+def _decode(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 [channels, S, S], or _BadFile with a reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise _BadFile("empty file (0 bytes)")
+        with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            width, height = im.size
+            if limit is not None and width * height > limit:
+                raise _BadFile(f"image is {width}x{height} = {width * height} pixels, over Pillow's "
+                               f"limit Image.MAX_IMAGE_PIXELS = {limit}")
+            # JPEG can decode at a reduced scale directly; the result stays >= S on both sides
+            im.draft(None, (image_size, image_size))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, "L" if channels == 1 else "RGB")
+    except _BadFile:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _BadFile(f"image over Pillow's pixel limit Image.MAX_IMAGE_PIXELS ({err})") from None
+    except UnidentifiedImageError:
+        raise _BadFile("not an image Pillow can read (unrecognised or corrupt header)") from None
+    except FileNotFoundError:
+        raise _BadFile("file not found") from None
+    except PermissionError:
+        raise _BadFile("permission denied") from None
+    except OSError as err:
+        reason = "truncated image file" if "truncated" in str(err) else "cannot decode"
+        raise _BadFile(f"{reason} ({err})") from None
+    except Exception as err:  # corrupt data reaches odd corners of Pillow's decoders
+        raise _BadFile(f"cannot decode ({type(err).__name__}: {err})") from None
+    width, height = im.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    # Cropping the centred square first and resizing it equals "shorter side to S, then centre
+    # crop"; the crop sits on whole source pixels so that images_from_array can match it exactly.
+    im = im.crop((left, top, left + side, top + side))
+    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    array = np.asarray(im, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # [C, S, S]
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert to L or RGB, keeping 16-bit and transparent images meaningful."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # Pillow's convert would clip 16-bit values at 255; scale the range instead
+        wide = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(wide, 0, 65535) // 257).astype(np.uint8), "L")
+    elif im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        im = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert(mode)
+
+
+def _decode_all(
+    items: list[tuple[Path, str]],
+    image_size: int,
+    channels: int,
+    policy: _BadFilePolicy,
+    progress: bool,
+) -> tuple[list[int], np.ndarray, list[str]]:
+    """Decode (path, display name) pairs; returns the kept row numbers, their pixels, bad names.
+
+    The pixel-limit warning is made an error for the duration: catch_warnings is not thread-safe,
+    so it is entered once here, around the whole pool, instead of inside each worker.
+    """
+    num_items = len(items)
+    kept: list[int] = []
+    arrays: list[np.ndarray] = []
+    bad: list[str] = []
+    # abort as soon as the bad fraction is certain to exceed the limit, not after decoding all
+    max_bad = math.floor(policy.max_bad_fraction * num_items + 1e-9)  # 1e-9: 0.29 * 100 is 28.999...
+    bar = _progress_bar(num_items) if progress else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_WORKERS, os.cpu_count() or 1))
+        try:
+            if bar is not None:
+                bar[0].start()
+            jobs = [pool.submit(_decode, path, image_size, channels) for path, _ in items]
+            for row, job in enumerate(jobs):
+                try:
+                    arrays.append(job.result())
+                    kept.append(row)
+                except _BadFile as err:
+                    name = items[row][1]
+                    if policy.on_bad == "error":
+                        raise SelfsupError(f"{name}: {err}; fix or remove it, "
+                                           "or pass data.on_bad_file=skip") from None
+                    bad.append(f"{name} ({err})")
+                    if len(bad) > max_bad:
+                        raise SelfsupError(
+                            f"at least {len(bad)} of {num_items} image files "
+                            f"({len(bad) / num_items:.1%}) cannot be decoded, over the limit "
+                            f"data.max_bad_fraction={policy.max_bad_fraction:g}; first: "
+                            f"{'; '.join(bad[:_NUM_NAMED])}. Fix or remove them, or raise the limit"
+                        ) from None
+                if bar is not None:
+                    bar[0].advance(bar[1])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar[0].stop()
+    if bad:
+        more = f" and {len(bad) - _NUM_NAMED} more" if len(bad) > _NUM_NAMED else ""
+        logger.warning("skipped %d of %d image files that cannot be decoded: %s%s",
+                       len(bad), num_items, "; ".join(bad[:_NUM_NAMED]), more)
+    if not kept:
+        raise SelfsupError("no usable images: every file failed to decode")
+    return kept, np.stack(arrays), bad
+
+
+def _progress_bar(total: int) -> tuple[object, object]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), transient=True)
+    return bar, bar.add_task("decode", total=total)
