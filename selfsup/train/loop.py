@@ -131,8 +131,8 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
 
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start) if runtime.is_main else None
     board = TensorBoard(run_dir / "tensorboard") if cfg.tensorboard and runtime.is_main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start) if runtime.is_main else None
     progress = Progress(cfg.steps, start, cfg.log_every, enabled=runtime.is_main)
     row: dict[str, Any] = {}
     last_ckpt: Path | None = None

@@ -7,13 +7,13 @@ The run directory is the unit users handle: `config.yaml` (resolved), `metrics.j
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from selfsup.adapt.probes import extract_features, knn_accuracy
@@ -125,14 +125,14 @@ def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrit
              stop_after: int | None = None, show_progress: bool = True) -> PretrainResult:
     """Runs (or resumes) a pretraining run into `out`; returns what the caller needs for probes."""
     out = Path(out)
-    runtime = init_runtime()  # placeholder device/precision until the config is known
-    if runtime.is_main:
+    # torchrun sets RANK; the process group itself waits for the config (it names the device).
+    if int(os.environ.get("RANK", "0")) == 0:
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    runtime.barrier()
     if resume:
         cfg = config_for_resume(out, cfg)
     assert cfg is not None
     runtime = init_runtime(cfg.train.device, cfg.train.precision)
+    runtime.barrier()  # rank 0 has checked (and with --overwrite emptied) the run directory
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     if runtime.is_main and not resume:
@@ -157,6 +157,3 @@ def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrit
     runtime.barrier()
     return PretrainResult(out, result, train, holdout, preprocess)
 
-
-def saved_config(out: Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(out) / CONFIG_FILE).read_text())

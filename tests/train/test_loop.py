@@ -12,7 +12,7 @@ from torch import nn
 from selfsup.data.pipeline import ImageBatches, channel_stats
 from selfsup.data.views import ImageViews, ViewsConfig
 from selfsup.encoders import build_encoder
-from selfsup.errors import NonFiniteError
+from selfsup.errors import NonFiniteError, SelfsupError
 from selfsup.methods import build_method
 from selfsup.train import checkpoint
 from selfsup.train.loop import Interrupted, fit
@@ -148,3 +148,15 @@ def test_metrics_are_truncated_to_the_resumed_checkpoint(tmp_path):
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
     fit(ToyRegression(), ToyBatches(), cfg, tmp_path, CPU, seed=0, resume=True)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
+    cfg = tiny_train_config(steps=2, tensorboard=True)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SelfsupError, match="pip install tensorboard"):
+            fit(ToyRegression(), ToyBatches(), cfg, tmp_path, CPU, seed=0)
+        return
+    fit(ToyRegression(), ToyBatches(), cfg, tmp_path, CPU, seed=0)
+    assert list((tmp_path / "tensorboard").iterdir()), "event files written"
