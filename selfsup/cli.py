@@ -47,8 +47,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _add_run_dir_flags(p: argparse.ArgumentParser, default_out: str | None) -> None:
-    p.add_argument("--out", type=Path, default=None if default_out is None else Path(default_out), required=default_out is None,
-                   help="run directory to write (config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, report.html)"
+    p.add_argument("--out", type=Path, default=None if default_out is None else Path(default_out),
+                   help=("(required) " if default_out is None else "") + "run directory to write (config.yaml, metrics.jsonl, checkpoints/, encoder.safetensors, report.html)"
                    + (f"; default {default_out}" if default_out else ""))
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",

@@ -44,7 +44,7 @@ def test_unknown_key_exits_2_naming_the_nearest(tmp_path, capsys):
 def test_pretrain_resume_and_probe(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", *TINY_RUN, "--out", str(out)]) == 0
-    assert (out / "encoder.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert (out / "encoder.safetensors").is_file() and (out / "config.yaml").is_file() and (out / "report.html").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and "knn_acc" in metrics[-1]
     # Resuming a finished run changes nothing; a different config on resume is refused.
@@ -82,6 +82,13 @@ def test_every_command_has_help():
         with pytest.raises(SystemExit) as info:
             parser.parse_args([*command, "--help"])
         assert info.value.code == 0
+
+
+def test_print_config_needs_no_out(capsys):
+    assert main(["pretrain", "--print-config", "train.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+    assert main(["pretrain", "train.steps=7"]) == EXIT_BAD_INPUT
+    assert "--out" in capsys.readouterr().err
 
 
 def test_data_list(capsys):
