@@ -54,6 +54,7 @@ class TrainConfig:
     log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
     knn_every: int = 0  # steps between kNN-monitor evaluations on the held-out split (0 = only at the end)
     knn_max_bank: int = 5000  # at most this many labelled training images form the kNN monitor's bank
+    diagnostics_every: int = 50  # steps between collapse diagnostics (embedding std, effective rank); 0 = never
     tensorboard: bool = False  # also write TensorBoard event files (needs `pip install tensorboard`)
 
 
@@ -236,8 +237,18 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = (), 
         key, value = parse_override(text)
         _set_path(tree, key, value)
     cfg = from_dict(RunConfig, tree)
+    _apply_method_views(cfg)
     validate(cfg)
     return cfg
+
+
+def _apply_method_views(cfg: RunConfig) -> None:
+    """The method's own view recipe (BYOL's asymmetric blur, DINO's multi-crop) under the user's keys."""
+    from selfsup.methods import method_spec
+
+    name = cfg.method.get("name")
+    if isinstance(name, str):
+        cfg.views = {**method_spec(name).views, **cfg.views}
 
 
 def validate(cfg: RunConfig) -> None:
@@ -260,6 +271,8 @@ def validate(cfg: RunConfig) -> None:
         raise SelfsupError(f"`train.batch_size` ({t.batch_size}) must be divisible by `train.accum_steps` ({t.accum_steps})")
     if not 0 <= t.warmup_fraction < 1:
         raise SelfsupError(f"`train.warmup_fraction` must be in [0, 1), got {t.warmup_fraction}")
+    if t.diagnostics_every < 0:
+        raise SelfsupError(f"`train.diagnostics_every` must be 0 (never) or positive, got {t.diagnostics_every}")
     if t.knn_every < 0:
         raise SelfsupError(f"`train.knn_every` must be 0 (only at the end) or positive, got {t.knn_every}")
     if t.grad_clip is not None and t.grad_clip <= 0:

@@ -114,3 +114,30 @@ def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert 'src="http' not in html and 'href="http' not in html, "the report must open with no network"
+
+
+@pytest.mark.parametrize("method", ["byol", "dino"])
+def test_pretrain_each_method_from_the_cli(tmp_path, method):
+    out = tmp_path / method
+    small = {"byol": ["method.proj_hidden=64"], "dino": ["method.out_dim=64", "method.hidden_dim=32", "views.num_local=2"]}
+    assert main(["pretrain", *TINY_RUN, f"method.name={method}", *small[method], "train.diagnostics_every=2",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "embed_std" in rows[1] and "knn_acc" in rows[-1]
+    config = (out / "config.yaml").read_text()
+    assert "view_blur_p" in config, "the method's view recipe is part of the resolved config"
+
+
+def test_pretrain_on_a_user_folder(tmp_path):
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(20):
+            colour = (200, 40 + i, 40) if label == "cats" else (40, 40 + i, 200)
+            Image.new("RGB", (24, 20), colour).save(tmp_path / "data" / label / f"{i}.png")
+    out = tmp_path / "run"
+    args = [a for a in TINY_RUN if not a.startswith(("data.source", "train.batch_size"))]
+    assert main(["pretrain", *args, f"data.source={tmp_path / 'data'}", "train.batch_size=16", "method.name=dino",
+                 "method.out_dim=64", "method.hidden_dim=32", "views.num_local=2", "--out", str(out)]) == 0
+    assert (out / "encoder.safetensors").is_file()

@@ -60,10 +60,16 @@ class ViewsConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range in pixels of the output view
     solarize_p: float = 0.0  # probability of solarizing an image (BYOL: 0.2 on its second view)
     solarize_threshold: float = 0.5  # pixels at or above this intensity (in [0, 1]) are inverted
+    view_blur_p: list[float] | None = None  # per-view blur probability for the num_views views (BYOL/DINO: [1.0, 0.1]); None = blur_p
+    view_solarize_p: list[float] | None = None  # per-view solarize probability (BYOL/DINO: [0.0, 0.2]); None = solarize_p
+    num_local: int = 0  # extra small crops per image (DINO's multi-crop), made after the num_views global views
+    local_size: int | None = None  # side of the local crops in pixels; None = half the image size
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)  # area fraction of the local crops
+    local_blur_p: float = 0.5  # blur probability of the local crops (DINO: 0.5)
 
     def __post_init__(self) -> None:
         # YAML has no tuples: a config file gives lists for the range fields.
-        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "local_crop_scale"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
@@ -106,6 +112,23 @@ def validate_views_config(cfg: ViewsConfig) -> None:
     low, high = pair("blur_sigma")
     if not 0.0 < low <= high:
         raise SelfsupError(f"`views.blur_sigma` must satisfy 0 < min <= max (pixels), got {cfg.blur_sigma!r}")
+    for name in ("view_blur_p", "view_solarize_p"):
+        values = getattr(cfg, name)
+        if values is None:
+            continue
+        if len(values) != cfg.num_views:
+            raise SelfsupError(f"`views.{name}` needs one probability per view (num_views={cfg.num_views}), got {values!r}")
+        if not all(0.0 <= number(name, v) <= 1.0 for v in values):
+            raise SelfsupError(f"`views.{name}` probabilities must be in [0, 1], got {values!r}")
+    if isinstance(cfg.num_local, bool) or not isinstance(cfg.num_local, int) or cfg.num_local < 0:
+        raise SelfsupError(f"`views.num_local` must be an integer >= 0, got {cfg.num_local!r}")
+    if cfg.local_size is not None and (isinstance(cfg.local_size, bool) or cfg.local_size < 1):
+        raise SelfsupError(f"`views.local_size` must be a positive integer or null, got {cfg.local_size!r}")
+    low, high = pair("local_crop_scale")
+    if not 0.0 < low <= high <= 1.0:
+        raise SelfsupError(f"`views.local_crop_scale` must satisfy 0 < min <= max <= 1, got {cfg.local_crop_scale!r}")
+    if not 0.0 <= number("local_blur_p", cfg.local_blur_p) <= 1.0:
+        raise SelfsupError(f"`views.local_blur_p` must be in [0, 1], got {cfg.local_blur_p}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +297,8 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float], image
 
 
 class ImageViews:
-    """Turns a batch of uint8 images into `num_views` independently augmented, normalised float views.
+    """Turns a batch of uint8 images into `num_views` augmented global views plus `num_local` small
+    local crops (DINO's multi-crop), normalised float, in that order.
 
     Per view: random resized crop + horizontal flip (one grid_sample), colour jitter (brightness,
     contrast, saturation, hue in one random order per batch — torchvision draws the order per image),
@@ -291,7 +315,8 @@ class ImageViews:
         self.image_size = image_size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.blur_kernel_size = blur_kernel_size(image_size)
+        self.local_size = cfg.local_size or max(1, image_size // 2)
+        self.blur_kernel_size = {image_size: blur_kernel_size(image_size), self.local_size: blur_kernel_size(self.local_size)}
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
@@ -305,32 +330,49 @@ class ImageViews:
             self._stats[images.device] = _norm_stats(self.mean, self.std, C, images.device)
         scale, shift = self._stats[images.device]
         x = images.float().div_(255.0)
+        cfg = self.cfg
+        recipes = [dict(blur_p=(cfg.view_blur_p or [cfg.blur_p] * cfg.num_views)[i],
+                        solarize_p=(cfg.view_solarize_p or [cfg.solarize_p] * cfg.num_views)[i])
+                   for i in range(cfg.num_views)]
+        # Local crops (DINO multi-crop): small, never solarized.
+        recipes += [dict(size=self.local_size, crop_scale=cfg.local_crop_scale, blur_p=cfg.local_blur_p, solarize_p=0.0)
+                    for _ in range(cfg.num_local)]
         views = []
-        for _ in range(self.cfg.num_views):
-            view = self.one_view(x, generator)
+        for recipe in recipes:
+            view = self.one_view(x, generator, **recipe)
             assert view.data_ptr() != x.data_ptr(), "one_view must return a fresh tensor: it is normalised in place"
             views.append(torch.addcmul(shift, view, scale, out=view))
         return views
 
-    def one_view(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Float images in [0, 1] [B, C, H, W] -> one augmented view in [0, 1] [B, C, S, S], not normalised."""
+    def one_view(self, x: Tensor, generator: torch.Generator, *, size: int | None = None,
+                 crop_scale: tuple[float, float] | None = None, blur_p: float | None = None,
+                 solarize_p: float | None = None) -> Tensor:
+        """Float images in [0, 1] [B, C, H, W] -> one augmented view in [0, 1] [B, C, S, S], not normalised.
+
+        The keyword arguments override the config for this view (per-view recipes, local crops).
+        """
         cfg = self.cfg
+        size = size or self.image_size
+        crop_scale = crop_scale or cfg.crop_scale
+        blur_p = cfg.blur_p if blur_p is None else blur_p
+        solarize_p = cfg.solarize_p if solarize_p is None else solarize_p
         B, C, H, W = x.shape
         device = x.device
-        boxes = sample_crop_boxes(B, H, W, cfg.crop_scale, cfg.crop_ratio, generator)
+        boxes = sample_crop_boxes(B, H, W, crop_scale, cfg.crop_ratio, generator)
         flip = _coin(B, cfg.flip_p, generator, device)
-        x = crop_flip_resize(x, boxes, flip, self.image_size)
+        x = crop_flip_resize(x, boxes, flip, size)
         if cfg.jitter_p > 0:
             x = self._jitter(x, generator)
         if cfg.grayscale_p > 0 and C == 3:
             apply = _per_sample(_coin(B, cfg.grayscale_p, generator, device))
             x = _choose(apply, to_grayscale(x), x)  # [B, 3, S, S]: grey broadcast over the channels
-        if cfg.blur_p > 0:
-            apply = _per_sample(_coin(B, cfg.blur_p, generator, device))
+        if blur_p > 0:
+            apply = _per_sample(_coin(B, blur_p, generator, device))
             sigma = _uniform((B,), cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)
-            x = _choose(apply, gaussian_blur(x, sigma, self.blur_kernel_size), x)
-        if cfg.solarize_p > 0:
-            apply = _per_sample(_coin(B, cfg.solarize_p, generator, device))
+            kernel = self.blur_kernel_size.get(size) or blur_kernel_size(size)
+            x = _choose(apply, gaussian_blur(x, sigma, kernel), x)
+        if solarize_p > 0:
+            apply = _per_sample(_coin(B, solarize_p, generator, device))
             x = _choose(apply, solarize(x, cfg.solarize_threshold), x)
         return x
 

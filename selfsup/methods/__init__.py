@@ -6,14 +6,14 @@ Adding an objective: copy the nearest method file, edit its `Config` and `forwar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
 from selfsup.config import from_dict, nearest
 from selfsup.errors import SelfsupError
-from selfsup.methods import simclr
+from selfsup.methods import byol, dino, simclr
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,17 @@ class MethodSpec:
     config: type  # the method's Config dataclass
     cls: type[nn.Module]  # the method module: __init__(cfg, encoder), forward(batch, progress) -> dict
     inputs: Literal["views"]  # what the batch must carry: "views" = augmented views of each image
-    summary: str  # one line for `--help` and `selfsup methods`
+    summary: str  # one line for `--help`
+    views: dict[str, Any] = field(default_factory=dict)  # the method's view recipe: defaults under the user's `views:`
 
 
 METHODS: dict[str, MethodSpec] = {
     "simclr": MethodSpec(simclr.Config, simclr.SimCLR, "views", "SimCLR (Chen et al. 2020): NT-Xent between two views"),
+    "byol": MethodSpec(byol.Config, byol.BYOL, "views", "BYOL (Grill et al. 2020): predict an EMA target's projection of the other view",
+                       views={"view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}),
+    "dino": MethodSpec(dino.Config, dino.DINO, "views", "DINO (Caron et al. 2021): self-distillation from an EMA teacher over multi-crops",
+                       views={"crop_scale": [0.4, 1.0], "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2],
+                              "num_local": 6, "local_crop_scale": [0.05, 0.4]}),
 }
 
 

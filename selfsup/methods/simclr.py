@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.nn.diagnostics import embedding_diagnostics
 from selfsup.nn.distributed import all_gather_with_grad, world
+from selfsup.nn.heads import mlp_head
 
 
 @dataclass
@@ -38,17 +40,6 @@ class Config:
     proj_hidden: int | None = None  # hidden width of the projection MLP; None = the encoder's dim
     proj_dim: int = 128  # output width of the projection head (the paper's 128)
     proj_layers: int = 2  # linear layers in the head (the paper: 2; SimCLR v2: 3)
-
-
-def projection_head(in_dim: int, hidden: int, out_dim: int, num_layers: int) -> nn.Sequential:
-    """Linear-BN-ReLU blocks then a final Linear-BN without ReLU, as in the paper's code."""
-    layers: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        dim = hidden
-    layers += [nn.Linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)]
-    return nn.Sequential(*layers)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -81,12 +72,17 @@ class SimCLR(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        self.head = projection_head(encoder.dim, cfg.proj_hidden or encoder.dim, cfg.proj_dim, cfg.proj_layers)
+        # The paper's head: Linear-BN-ReLU, then Linear-BN (BatchNorm on every layer, as in its code).
+        self.head = mlp_head(encoder.dim, cfg.proj_hidden or encoder.dim, cfg.proj_dim, cfg.proj_layers, last_norm=True)
 
     def forward(self, batch: dict, progress: float) -> dict[str, Tensor]:
         view1, view2 = batch["views"][:2]
         B = view1.shape[0]
         # One pass over both views: BatchNorm then normalises over all 2B views, as in the paper.
-        z = self.head(self.encoder.embed(torch.cat([view1, view2])))  # [2B, proj_dim]
+        h = self.encoder.embed(torch.cat([view1, view2]))  # [2B, D]
+        z = self.head(h)  # [2B, proj_dim]
         loss, top1 = nt_xent(z[:B], z[B:], self.cfg.temperature)
-        return {"loss": loss, "top1": top1.detach()}
+        out = {"loss": loss, "top1": top1.detach()}
+        if batch.get("diagnose"):
+            out.update(embedding_diagnostics(h[:B]))
+        return out

@@ -14,7 +14,6 @@ uninterrupted one bit for bit (tested with `torch.equal`).
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from selfsup.config import TrainConfig
 from selfsup.data.sampler import BatchOrder, shard
 from selfsup.errors import NonFiniteError, SelfsupError
+from selfsup.nn.diagnostics import collapse_warning
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at
 from selfsup.train.progress import MetricsLog, Progress, TensorBoard
@@ -162,6 +162,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                 for micro in range(cfg.accum_steps):
                     indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
                     batch = batches(indices, generator)
+                    batch["diagnose"] = bool(cfg.diagnostics_every) and (step == 1 or step % cfg.diagnostics_every == 0)
                     sync = micro == cfg.accum_steps - 1 or world_size == 1
                     with (nullcontext() if sync else model.no_sync()), runtime.autocast():
                         out = model(batch, progress_frac)
@@ -213,8 +214,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                     metrics.write(row)
                 if board is not None:
                     board.write(step, row)
-                warning = None if math.isfinite(row["loss"]) else "loss is not finite"
-                progress.update(step, row, warning)
+                progress.update(step, row, collapse_warning(row))
 
                 stopping = values[len(keys) + 1] > 0
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:

@@ -79,6 +79,8 @@ class Progress:
             info += f"  [red]{warning}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
+            if warning:
+                self._bar.console.print(f"[red]step {step}: {warning}")
         elif step % self.every == 0 or step == self.total or warning:
             elapsed = time.perf_counter() - self.start_time
             done = step - self.start_step

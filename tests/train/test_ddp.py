@@ -53,3 +53,23 @@ def test_pretrain_under_torchrun(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4], "rank 0 alone writes one row per step"
     assert checkpoint.latest_valid(out / "checkpoints") == out / "checkpoints" / "step-4"
     assert (out / "encoder.safetensors").is_file() and (out / "encoder.json").is_file()
+
+
+def test_dino_centre_is_all_reduced(tmp_path):
+    proc = _torchrun(str(REPO / "tests/train/ddp_dino_worker.py"), str(tmp_path / "out"))
+    assert proc.returncode == 0, _failure(proc)
+    centres = [torch.tensor(json.loads((tmp_path / f"out.{r}").read_text())["center"]) for r in range(2)]
+    assert torch.equal(centres[0], centres[1]), "both ranks must hold the same centre"
+    # ... and it is the update from the whole global batch, as one process would compute it.
+    from selfsup.encoders import build_encoder
+    from selfsup.methods import build_method
+
+    torch.manual_seed(0)
+    method = build_method({"name": "dino", "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8},
+                          build_encoder("resnet10", in_channels=3, image_size=16, width=8)).eval()
+    gen = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        method({"views": views}, 0.5)
+    method.after_optimizer_step(0.5)
+    torch.testing.assert_close(centres[0], method.center, rtol=1e-5, atol=1e-6)

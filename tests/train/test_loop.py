@@ -24,12 +24,20 @@ from tests.conftest import make_image_set, tiny_train_config
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
 
 
-def _simclr_run(run_dir: Path, cfg, *, resume=False, stop_after=None, runtime=CPU):
+SMALL_HEADS = {"simclr": {}, "byol": {"proj_hidden": 32, "proj_dim": 16},
+               "dino": {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "momentum_start": 0.9}}
+VIEWS = {"simclr": ViewsConfig(blur_p=0.5, solarize_p=0.2),
+         "byol": ViewsConfig(view_blur_p=[1.0, 0.1], view_solarize_p=[0.0, 0.2]),
+         "dino": ViewsConfig(num_local=2, local_size=8)}
+
+
+def _simclr_run(run_dir: Path, cfg, *, resume=False, stop_after=None, runtime=CPU, method_name="simclr"):
     data = make_image_set(num_items=28)  # batch 8 -> 3 batches per epoch, 4 items dropped each epoch
     mean, std = channel_stats(data.images)
     torch.manual_seed(0)
-    method = build_method({"name": "simclr"}, build_encoder("resnet10", in_channels=3, image_size=16, width=8))
-    batches = ImageBatches(data, ImageViews(ViewsConfig(blur_p=0.5, solarize_p=0.2), 16, mean, std), runtime.device)
+    encoder = build_encoder("resnet10", in_channels=3, image_size=16, width=8)
+    method = build_method({"name": method_name, **SMALL_HEADS[method_name]}, encoder)
+    batches = ImageBatches(data, ImageViews(VIEWS[method_name], 16, mean, std), runtime.device)
     preprocess = {"image_size": 16, "channels": 3, "mean": mean, "std": std}
     monitor = knn_monitor(data, make_image_set(num_items=12, seed=1), preprocess, runtime, max_bank=20, k=3, seed=0)
     result = fit(method, batches, cfg, run_dir, runtime, seed=0, resume=resume, stop_after=stop_after, monitor=monitor)
@@ -59,6 +67,24 @@ def test_resume_is_bit_identical(tmp_path, precision):
         assert _rows(run_dir) == expected, f"metrics differ after a crash at step {crash}"
         for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), f"{name} differs after a crash at step {crash}"
+
+
+@pytest.mark.parametrize("method_name", ["byol", "dino"])
+def test_resume_is_bit_identical_with_a_teacher(tmp_path, method_name):
+    """EMA teachers and DINO's centre are state too: a resumed run must carry them exactly."""
+    cfg = tiny_train_config(steps=6, diagnostics_every=2)
+    _, reference = _simclr_run(tmp_path / "whole", cfg, method_name=method_name)
+    expected = _rows(tmp_path / "whole")
+    assert "embed_std" in expected[1]
+    _simclr_run(tmp_path / "crash", cfg, stop_after=3, method_name=method_name)
+    _, resumed = _simclr_run(tmp_path / "crash", cfg, resume=True, method_name=method_name)
+    assert _rows(tmp_path / "crash") == expected
+    state = resumed.state_dict()
+    assert any(k.startswith(("target.", "teacher.")) for k in state)
+    if method_name == "dino":
+        assert state["center"].abs().sum() > 0
+    for (name, a), b in zip(reference.state_dict().items(), state.values()):
+        assert torch.equal(a, b), name
 
 
 class ToyRegression(nn.Module):
