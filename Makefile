@@ -7,9 +7,24 @@ STAMP := $(VENV)/.selfsup-setup
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+# Debian packages the "glyphs" built-in renders from (selfsup data prepare glyphs; shared/DATA.md).
+DEB_PACKAGES := fonts-noto-core unicode-data
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP)
+.PHONY: setup system-packages demo test bench clean
+
+setup: $(STAMP) | system-packages
+
+# Installs the Debian packages only when dpkg says one is missing: where they are present it
+# prints nothing and does nothing; without apt-get (not Debian) it only notes what glyphs needs.
+system-packages:
+	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(DEB_PACKAGES) for the glyphs built-in dataset"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(DEB_PACKAGES); \
+	else \
+		echo "note: no apt-get here; the glyphs built-in needs the Noto fonts and Unicode Scripts.txt of $(DEB_PACKAGES)"; \
+	fi
 
 # torch is installed first and pinned: 2.13.0 is a CPU build on local disk; anything unpinned pulls
 # a 5.5 GB CUDA build. The stamp makes `make setup` a no-op once done (redone if pyproject changes).
@@ -26,12 +41,24 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
+# The peers' own environment (bench/peers/): lightly needs torchvision, which does not install beside
+# selfsup's torch 2.13, so it gets torch 2.14.1 + torchvision 0.29.1 (a ~5.5 GB CUDA build from local
+# disk; it runs on the CPU) in .venv-bench, once. Never part of selfsup's dependencies.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.stamp
+
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 lightly==1.6.0
+	touch $@
+
+bench: setup $(BENCH_STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	mkdir -p runs
 	$(BIN)/python bench/threads.py | tee runs/bench.jsonl
 	$(BIN)/python bench/augment.py | tee -a runs/bench.jsonl
-	$(BIN)/python bench/vision.py | tee -a runs/bench.jsonl
+	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

