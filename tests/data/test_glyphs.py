@@ -1,4 +1,4 @@
-"""The "glyphs" built-in: script table parsing, font selection, rendering, the cache, loading, the CLI.
+"""The "glyphs" built-in: rendering, the cache, loading, the CLI (its inputs: test_glyph_sources.py).
 
 Rendering tests use three small real fonts (Armenian in Sans and Serif, Gunjala Gondi in Sans, ~300
 glyphs, well under a second) linked into a private font folder; they are skipped where the Debian
@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from selfsup import cli
-from selfsup.data import builtin, glyphs
+from selfsup.data import builtin, glyph_sources
 from selfsup.data.builtin import BUILTIN, builtin_available
-from selfsup.data.glyphs import (MANIFEST, MANIFEST_COLUMNS, PIXELS, STAMP, GlyphRenderer, font_family,
-                                 parse_scripts, prepare_glyphs)
+from selfsup.data.glyph_sources import GlyphRenderer, parse_scripts
+from selfsup.data.glyphs import MANIFEST, MANIFEST_COLUMNS, PIXELS, STAMP, prepare_glyphs
 from selfsup.data.images import load_image_source
 from selfsup.errors import SelfsupError
 
@@ -30,12 +30,13 @@ GUNJALA_VIRAMA = 0x11D97  # in NotoSansGunjalaGondi's cmap, but its glyph leaves
 
 def _system_inputs() -> tuple[bool, str]:
     try:
-        scripts = glyphs.find_scripts_file()
+        scripts = glyph_sources.find_scripts_file()
     except SelfsupError as err:
         return False, str(err)
-    missing = [name for name in TEST_FONTS if not (glyphs.DEFAULT_FONT_DIR / name).is_file()]
+    missing = [name for name in TEST_FONTS if not (glyph_sources.DEFAULT_FONT_DIR / name).is_file()]
     if missing:
-        return False, f"fonts-noto-core is not installed ({', '.join(missing)} missing): {glyphs.INSTALL_COMMAND}"
+        return False, (f"fonts-noto-core is not installed ({', '.join(missing)} missing): "
+                       f"{glyph_sources.INSTALL_COMMAND}")
     return True, str(scripts)
 
 
@@ -56,7 +57,7 @@ def font_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "fonts"
     folder.mkdir()
     for name in TEST_FONTS:
-        (folder / name).symlink_to(glyphs.DEFAULT_FONT_DIR / name)
+        (folder / name).symlink_to(glyph_sources.DEFAULT_FONT_DIR / name)
     return folder
 
 
@@ -68,7 +69,7 @@ def _manifest(out: Path) -> list[dict[str, str]]:
 def _cmap(name: str) -> dict[int, str]:
     from fontTools.ttLib import TTFont
 
-    with TTFont(glyphs.DEFAULT_FONT_DIR / name, lazy=True) as font:
+    with TTFont(glyph_sources.DEFAULT_FONT_DIR / name, lazy=True) as font:
         return font.getBestCmap()
 
 
@@ -79,57 +80,6 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # No fonts needed
-
-
-SCRIPTS_SAMPLE = """\
-# Scripts-15.0.0.txt (a hand-written excerpt)
-
-0041..005A    ; Latin # L&  [26] LATIN CAPITAL LETTER A..LATIN CAPITAL LETTER Z
-00AA          ; Latin # Lo       FEMININE ORDINAL INDICATOR
-0020          ; Common # Zs       SPACE
-0531..0556    ; Armenian # L&  [38] ARMENIAN CAPITAL LETTER AYB..ARMENIAN CAPITAL LETTER FEH
-0300..036F    ; Inherited # Mn [112] COMBINING GRAVE ACCENT..COMBINING LATIN SMALL LETTER X
-"""
-
-
-def test_scripts_table_reads_ranges_and_single_code_points(tmp_path: Path) -> None:
-    path = tmp_path / "Scripts.txt"
-    path.write_text(SCRIPTS_SAMPLE)
-    table = parse_scripts(path)
-    assert [table.script_of(cp) for cp in (0x41, 0x4D, 0x5A)] == ["Latin"] * 3  # both ends of a range
-    assert table.script_of(0x5B) == "Unknown" and table.script_of(0x40) == "Unknown"  # just outside
-    assert table.script_of(0xAA) == "Latin" and table.script_of(0xA9) == "Unknown" and table.script_of(0xAB) == "Unknown"
-    assert table.script_of(0x20) == "Common" and table.script_of(0x301) == "Inherited"
-    assert table.script_of(0x531) == "Armenian" and table.script_of(0x556) == "Armenian"
-    assert table.script_of(0x0) == "Unknown" and table.script_of(0x10FFFF) == "Unknown"
-    assert table.starts == tuple(sorted(table.starts))  # file order does not matter
-
-
-def test_scripts_table_errors_name_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "Scripts.txt"
-    path.write_text("0041..005A ; Latin\nnot a range ; Latin\n")
-    with pytest.raises(SelfsupError, match=r"Scripts.txt:2: expected"):
-        parse_scripts(path)
-    path.write_text("0041..005A ; Latin\n\n0050 ; Greek\n")
-    with pytest.raises(SelfsupError, match=r"Scripts.txt:3: range starting at 0050 overlaps"):
-        parse_scripts(path)
-    path.write_text("# only comments\n")
-    with pytest.raises(SelfsupError, match="no script ranges"):
-        parse_scripts(path)
-
-
-@pytest.mark.parametrize("name, family", [
-    ("NotoSans-Regular.ttf", "Sans"), ("NotoSansArmenian-Regular.ttf", "Sans"),
-    ("NotoSerif-Regular.ttf", "Serif"), ("NotoSerifTangut-Regular.ttf", "Serif"),
-    ("NotoSans-Bold.ttf", None), ("NotoSerif-Italic.ttf", None), ("NotoSansDisplay-Regular.ttf", None),
-    ("NotoSerifDisplay-Regular.ttf", None), ("NotoSansMono-Regular.ttf", None), ("NotoSansLaoUI-Regular.ttf", None),
-    ("NotoSerifTamilSlanted-Regular.ttf", None), ("NotoNaskhArabic-Regular.ttf", None),
-    ("NotoTraditionalNushu-Regular.ttf", None), ("DejaVuSans.ttf", None),
-])
-def test_font_family_from_the_file_name(name: str, family: str | None) -> None:
-    found, why = font_family(name)
-    assert found == family
-    assert (why == "") == (family is not None)
 
 
 def test_glyphs_is_registered_and_preparable() -> None:
@@ -153,16 +103,16 @@ def test_missing_fonts_say_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(SelfsupError, match="apt-get install fonts-noto-core unicode-data"):
         prepare_glyphs(tmp_path / "out", font_dir=tmp_path / "does-not-exist")
     with pytest.raises(SelfsupError, match="apt-get install fonts-noto-core unicode-data"):
-        glyphs.find_scripts_file(tmp_path / "Scripts.txt")
+        glyph_sources.find_scripts_file(tmp_path / "Scripts.txt")
     assert not (tmp_path / "out").exists()
 
 
 def test_uninstalled_packages_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(glyphs, "_dpkg_files", lambda package: [])  # dpkg present, packages not
+    monkeypatch.setattr(glyph_sources, "_dpkg_files", lambda package: [])  # dpkg present, packages not
     with pytest.raises(SelfsupError, match="fonts-noto-core is not installed.*apt-get install fonts-noto-core unicode-data"):
-        glyphs.find_fonts()
+        glyph_sources.find_fonts()
     with pytest.raises(SelfsupError, match="unicode-data is not installed.*apt-get install fonts-noto-core unicode-data"):
-        glyphs.find_scripts_file()
+        glyph_sources.find_scripts_file()
     available, reason = builtin_available("glyphs")
     assert not available and "apt-get install fonts-noto-core unicode-data" in reason
     assert "selfsup data prepare glyphs" in reason
@@ -195,7 +145,7 @@ def test_manifest_labels_families_and_images(font_dir: Path, tmp_path: Path) -> 
     assert summary.num_images == len(rows) and not summary.reused
     assert summary.script_counts == {"Armenian": 192, "Gunjala_Gondi": 62}
 
-    table = parse_scripts(glyphs.find_scripts_file())
+    table = parse_scripts(glyph_sources.find_scripts_file())
     for row in rows:
         codepoint = int(row["codepoint"].removeprefix("U+"), 16)
         assert row["label"] == table.script_of(codepoint)
