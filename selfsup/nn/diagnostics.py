@@ -24,6 +24,9 @@ from torch import Tensor
 STD_COLLAPSE = 0.05
 # An effective rank this close to 1 means one direction carries all the variance.
 ERANK_COLLAPSE = 1.5
+# A DINO teacher whose centred, sharpened output has this fraction of the maximal entropy gives the
+# student no target: uniform collapse (at initialisation it sits near 0.5-0.85).
+TEACHER_UNIFORM = 0.97
 
 
 @torch.no_grad()
@@ -50,4 +53,8 @@ def collapse_warning(row: dict[str, float]) -> str | None:
         return f"embeddings collapsing: normalised std {std:.3f} (healthy ~1, collapsed 0)"
     if erank is not None and erank < ERANK_COLLAPSE:
         return f"embeddings collapsing: effective rank {erank:.2f} (one direction holds all variance)"
+    entropy = row.get("teacher_entropy")
+    if entropy is not None and entropy > TEACHER_UNIFORM:
+        return (f"DINO teacher near uniform (entropy {entropy:.3f} of log K): the head is not learning; "
+                f"try a lower method.momentum_start or method.teacher_temp, or a lower train.lr")
     return None

@@ -41,3 +41,8 @@ def test_healthy_encoder_on_real_images_is_quiet():
 def test_effective_rank_of_isotropic_data_is_near_full():
     erank = _row(torch.randn(4096, 8))["embed_erank"]
     assert 7.5 < erank <= 8.0
+
+
+def test_uniform_dino_teacher_is_flagged():
+    assert "uniform" in collapse_warning({"embed_std": 0.5, "embed_erank": 20.0, "teacher_entropy": 0.995})
+    assert collapse_warning({"embed_std": 0.5, "embed_erank": 20.0, "teacher_entropy": 0.8}) is None
