@@ -7,24 +7,24 @@ variables that OpenMP reads at start-up (OMP_WAIT_POLICY) differ between measure
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_worker(script: Path, args: list[str], env: dict[str, str] | None = None, timeout: int = 1800) -> dict[str, Any]:
-    """Runs `python script --worker args...` and returns the JSON object it prints last."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, str(script), "--worker", *args], env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_json(cmd: list[str], env: dict[str, str], timeout: int = 3600) -> dict[str, Any]:
+    """Runs `cmd` with exactly `env` and returns the JSON object it prints last on stdout."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    what = " ".join([Path(cmd[1]).name, *cmd[2:6]])
     if proc.returncode != 0:
-        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} ... failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{what} ... printed nothing:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def peak_rss_mb() -> float:

@@ -1,14 +1,34 @@
-"""SimCLR pretraining throughput: ResNet-18 (CIFAR stem) at 32x32, batch 256, fp32 vs bf16 autocast.
+"""Vision pretraining side by side: selfsup against lightly, same data, model, batch, steps and threads.
 
-Each precision runs the real training loop (`selfsup.train.loop.fit`, views made batched on the
-device, AdamW, clipping) in its own subprocess on the same data (MNIST digits at 32 px, RGB) with
-the same steps and threads, one after the other. Throughput is the median of the per-step
-samples/s after `--warmup` steps; a sample is one image (two views of it are encoded).
+For each task (method x encoder) three runs go one after the other, each in its own subprocess:
 
-    .venv/bin/python bench/vision.py [--steps 8] [--warmup 2] [--threads 2]
+1. selfsup, bf16 autocast (what `precision=auto` picks on this CPU) — its real loop
+   (`bench/selfsup_side.py`: `fit`, `ImageBatches`, `ImageViews`, the method's own view recipe);
+2. selfsup, fp32 — throughput only, the `selfsup_fp32` column, so the share of bf16 in the ratio
+   shows;
+3. lightly, fp32 (its default), in `.venv-bench` (`bench/peers/lightly_side.py`: torchvision
+   backbone, lightly transforms in a DataLoader, lightly heads/losses/momentum helpers, written the
+   way lightly's examples are).
 
-Prints one JSON line. The side-by-side with lightly joins this file with the BYOL/DINO work
-(issue 3), in a separate environment, since lightly needs torchvision.
+Both sides read one .npz written here once: MNIST (selfsup's builtin 5,000 digits) at 32 px RGB,
+split with `split_holdout` (20 %, stratified). The training part is pretrained on; a bank of
+training images and the held-out test images are embedded by each side's trained encoder and by
+its random init (the baseline: a run this short can score below it), and kNN accuracy (k=20,
+`selfsup.adapt.probes.knn_accuracy`) is computed here for both. The recipe numbers the peer uses
+(lr, weight decay, warm-up, crop scale, temperatures, head widths, EMA momentum, DINO teacher
+schedule) are read from selfsup's own defaults, so the two sides differ in implementation, not in
+knobs. DINO uses `--n-local` local crops of 16 px on both sides (selfsup's default is 6; 2 keeps
+the bench short).
+
+Throughput is samples/s (images per second, however many views of each) of the median step after
+`--warmup` steps, a step timed from fetching the batch to the end of the optimizer (and EMA)
+step. `ratio` = selfsup (bf16) / lightly (fp32). OMP_WAIT_POLICY=PASSIVE and `--threads` threads
+on both sides; nothing else should run meanwhile (see shared/MACHINE.md).
+
+    .venv/bin/python bench/vision.py [--tasks simclr-resnet18 dino-vit_tiny] [--steps 8] [--warmup 2]
+
+Prints one JSON line per task (DESIGN.md, "Benchmarks"). The peer environment is built by
+`make .venv-bench/.stamp` (part of `make bench`).
 """
 
 from __future__ import annotations
@@ -18,71 +38,212 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, peak_rss_mb, run_worker  # noqa: E402
+from _common import REPO, run_json  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+SELFSUP_SIDE = BENCH / "selfsup_side.py"
+PEER_SIDE = BENCH / "peers" / "lightly_side.py"
+PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+TASKS = ["simclr-resnet18", "byol-resnet18", "dino-resnet18", "dino-vit_tiny"]
+# lightly's DataLoader workers: 0 or 2 were tied here (2 vCPUs; SimCLR and DINO ResNet-18 b256,
+# alternating runs, medians within the +-10 % noise of a shared machine), and 2 workers cost ~600 MB
+# more memory and compete with torch's two threads for the same cores, so the peer runs with 0
+# (its transforms run in the timed step). Re-check on an idle machine with --peer-workers 2.
+DEFAULT_PEER_WORKERS = 0
 
 
-def worker(precision: str, steps: int, warmup: int, threads: int, encoder: str, batch: int, size: int,
-           channels: int = 3) -> dict:
+def build_data(path: Path, dataset: str, size: int, bank: int, test: int, seed: int) -> dict:
+    """Writes the shared .npz: x/y (train), x_bank/y_bank, x_test/y_test (uint8 [N, 3, S, S]), mean/std."""
+    import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
-    from selfsup.config import TrainConfig
-    from selfsup.data.builtin import load_builtin
-    from selfsup.data.pipeline import ImageBatches, channel_stats
-    from selfsup.data.views import ImageViews, ViewsConfig
-    from selfsup.encoders import build_encoder
-    from selfsup.methods import build_method
-    from selfsup.train.loop import fit
-    from selfsup.train.runtime import Runtime
+    from selfsup.data.images import load_image_source, split_holdout
+    from selfsup.data.pipeline import channel_stats
 
-    data = load_builtin("mnist", size, channels)
-    mean, std = channel_stats(data.images)
-    torch.manual_seed(0)
-    method = build_method({"name": "simclr"}, build_encoder(encoder, in_channels=channels, image_size=size))
-    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-    cfg = TrainConfig(steps=steps, batch_size=batch, checkpoint_every=10**9, log_every=10**9, precision=precision, device="cpu")
-    with tempfile.TemporaryDirectory() as run_dir:
-        fit(method, ImageBatches(data, ImageViews(ViewsConfig(), size, mean, std), runtime.device), cfg, Path(run_dir), runtime, seed=0)
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"samples_per_s": median([r["samples_per_s"] for r in rows[warmup:]]), "peak_rss_mb": peak_rss_mb(),
-            "final_loss": rows[-1]["loss"]}
+    data = load_image_source(dataset, size, 3)
+    if data.labels is None:
+        raise SystemExit(f"bench/vision.py: dataset {dataset!r} has no labels, so kNN cannot be scored")
+    train, held = split_holdout(data, 0.2, seed)
+    gen = torch.Generator().manual_seed(seed)
+    bank_index = torch.randperm(len(train), generator=gen)[:bank]
+    test_index = torch.randperm(len(held), generator=gen)[:test]
+    mean, std = channel_stats(train.images)
+    np.savez(path, x=train.images.numpy(), y=train.labels.numpy(),
+             x_bank=train.images[bank_index].numpy(), y_bank=train.labels[bank_index].numpy(),
+             x_test=held.images[test_index].numpy(), y_test=held.labels[test_index].numpy(),
+             mean=np.array(mean), std=np.array(std))
+    return {"dataset": dataset, "train": len(train), "bank": len(bank_index), "test": len(test_index)}
+
+
+def peer_recipe(method: str, n_local: int, local_size: int) -> dict:
+    """selfsup's default knobs for `method`, under the neutral names lightly_side.py reads."""
+    from selfsup.config import TrainConfig, from_dict
+    from selfsup.data.views import ViewsConfig
+    from selfsup.methods import method_config
+
+    from selfsup_side import view_overrides
+
+    train = TrainConfig()
+    views = from_dict(ViewsConfig, view_overrides(method, n_local, local_size), prefix="views.")
+    cfg = method_config({"name": method})
+    recipe = {"lr": train.lr, "weight_decay": train.weight_decay, "warmup_fraction": train.warmup_fraction,
+              "min_scale": views.crop_scale[0]}
+    names = {  # lightly_side name -> selfsup method Config field
+        "simclr": {"temperature": "temperature"},
+        "byol": {"proj_hidden": "proj_hidden", "proj_dim": "proj_dim", "byol_momentum": "momentum_start"},
+        "dino": {"dino_out_dim": "out_dim", "dino_hidden_dim": "hidden_dim", "dino_bottleneck_dim": "bottleneck_dim",
+                 "dino_momentum": "momentum_start", "student_temp": "student_temp", "teacher_temp": "teacher_temp",
+                 "warmup_teacher_temp": "warmup_teacher_temp", "teacher_temp_warmup": "teacher_temp_warmup",
+                 "center_momentum": "center_momentum", "freeze_last_layer": "freeze_last_layer",
+                 "dino_head_batchnorm": "head_batchnorm"},
+    }[method]
+    recipe.update({ours: getattr(cfg, theirs) for ours, theirs in names.items() if hasattr(cfg, theirs)})
+    if method == "dino":
+        recipe["global_crop_scale"] = list(views.crop_scale)
+        if hasattr(views, "local_crop_scale"):
+            recipe["local_crop_scale"] = list(views.local_crop_scale)
+    return recipe
+
+
+def knn(features: Path, npz) -> float:
+    import numpy as np
+    import torch
+
+    from selfsup.adapt.probes import knn_accuracy
+
+    bank = torch.from_numpy(np.load(features / "bank.npy"))
+    test = torch.from_numpy(np.load(features / "test.npy"))
+    return knn_accuracy(bank, torch.from_numpy(npz["y_bank"]), test, torch.from_numpy(npz["y_test"]), k=20)
+
+
+def attempt(what: str, errors: dict, fn, wall: dict | None = None):
+    """fn() or None; a failure is recorded under `what` (one task's failure never stops the others),
+    the seconds it took under wall[what]."""
+    tic = time.perf_counter()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - reported in the JSON line
+        errors[what] = str(err).strip().splitlines()[-1][:400] if str(err).strip() else repr(err)
+        print(f"bench/vision.py: {what} failed: {err}", file=sys.stderr)
+        return None
+    finally:
+        if wall is not None:
+            wall[what] = round(time.perf_counter() - tic, 1)
+
+
+def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -> dict:
+    import numpy as np
+
+    method, encoder = task.split("-", 1)
+    npz = np.load(data_path)
+    size = int(npz["x"].shape[-1])
+    common = ["--method", method, "--encoder", encoder, "--data", str(data_path), "--batch", str(args.batch),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+              "--n-local", str(args.n_local), "--local-size", str(args.local_size)]
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    ours_env = {**base_env, "PYTHONPATH": str(REPO)}
+    feats = {side: work / task / side for side in ("selfsup", "peer")}
+    init = {side: work / task / f"{side}-init" for side in ("selfsup", "peer")}
+    errors: dict[str, str] = {}
+    wall: dict[str, float] = {}  # seconds per subprocess: start-up, steps, embedding
+
+    def side_args(side: str) -> list[str]:
+        out = ["--features-out", str(feats[side])]
+        return out + (["--init-features-out", str(init[side])] if args.init_knn else [])
+
+    ours = attempt("selfsup", errors, lambda: run_json(
+        [sys.executable, str(SELFSUP_SIDE), *common, "--precision", "bf16", *side_args("selfsup")], ours_env), wall)
+    ours32 = None
+    if not args.no_fp32 and ours is not None:
+        ours32 = attempt("selfsup_fp32", errors, lambda: run_json(
+            [sys.executable, str(SELFSUP_SIDE), *common, "--precision", "fp32"], ours_env), wall)
+    recipe = attempt("recipe", errors, lambda: peer_recipe(method, args.n_local, args.local_size)) or {}
+    peer = attempt("peer", errors, lambda: run_json(
+        [str(args.peer_python), str(PEER_SIDE), *common, "--workers", str(args.peer_workers),
+         "--recipe", json.dumps(recipe), *side_args("peer")], base_env), wall)
+
+    knn_acc = {"selfsup": None, "peer": None}
+    knn_init = {"selfsup": None, "peer": None}
+    for side, result in (("selfsup", ours), ("peer", peer)):
+        if result is not None:
+            knn_acc[side] = attempt(f"knn_{side}", errors, lambda: round(knn(feats[side], npz), 4))
+            if args.init_knn:
+                knn_init[side] = attempt(f"knn_init_{side}", errors, lambda: round(knn(init[side], npz), 4))
+
+    value = lambda r: None if r is None else round(r["samples_per_s"], 2)  # noqa: E731
+    views = f"{size}px" + (f"+{args.n_local}x{args.local_size}px" if method == "dino" and args.n_local else "")
+    line = {
+        "bench": "vision", "task": f"{method} {encoder} {views} b{args.batch}", "metric": "samples_per_s",
+        "selfsup": value(ours), "selfsup_setting": "bf16 autocast",
+        "peer": f"lightly {peer['version']}" if peer else "lightly", "peer_value": value(peer),
+        "peer_setting": f"fp32, DataLoader num_workers={args.peer_workers}",
+        "ratio": round(ours["samples_per_s"] / peer["samples_per_s"], 3) if ours and peer else None,
+        "selfsup_fp32": value(ours32),
+        "peak_rss_mb": {"selfsup": round(ours["peak_rss_mb"]) if ours else None,
+                        "peer": round(peer["peak_rss_mb"]) if peer else None},
+        "quality": {"knn_acc": knn_acc},
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "omp_wait_policy": "PASSIVE",
+    }
+    if args.init_knn:
+        line["quality"]["knn_acc_random_init"] = knn_init
+    if peer and peer.get("peak_rss_workers_mb"):
+        line["peak_rss_mb"]["peer_workers"] = round(peer["peak_rss_workers_mb"])
+    line["final_loss"] = {"selfsup": ours and round(ours["final_loss"], 4), "peer": peer and round(peer["final_loss"], 4)}
+    for side, result in (("selfsup", ours), ("peer", peer)):
+        if result is not None and "embed_s" in result:
+            wall[f"{side}_embed"] = result["embed_s"]  # the trained encoder's features (part of wall[side])
+    line["wall_s"] = wall
+    if errors:
+        line["errors"] = errors
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, metavar="TASK",
+                        help=f"method-encoder pairs (default: all of {' '.join(TASKS)})")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-local", type=int, default=2, help="DINO local crops per image (both sides)")
+    parser.add_argument("--local-size", type=int, default=16, help="DINO local crop side, px")
+    parser.add_argument("--dataset", default="mnist", help="a selfsup image source with labels (default: builtin mnist)")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--bank", type=int, default=1000, help="training images in the kNN bank")
+    parser.add_argument("--test", type=int, default=1000, help="held-out images scored by kNN (at most the holdout)")
+    parser.add_argument("--no-init-knn", dest="init_knn", action="store_false",
+                        help="skip scoring both sides' random-init encoders (the baseline beside the trained one)")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the selfsup fp32 run (the selfsup_fp32 column)")
+    parser.add_argument("--peer-workers", type=int, default=DEFAULT_PEER_WORKERS, help="lightly DataLoader workers")
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the lightly environment")
+    parser.add_argument("--keep", type=Path, help="keep the data and features in this folder")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.precision, args.steps, args.warmup, args.threads, args.encoder, args.batch, args.size,
-                                args.channels)))
-        return
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-              "--encoder", args.encoder, "--batch", str(args.batch), "--size", str(args.size),
-              "--channels", str(args.channels)]
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    fp32 = run_worker(Path(__file__), ["--precision", "fp32", *common], env)
-    bf16 = run_worker(Path(__file__), ["--precision", "bf16", *common], env)
-    print(json.dumps({
-        "bench": "vision", "task": f"simclr {args.encoder} {args.size}px b{args.batch}", "metric": "samples_per_s",
-        "selfsup": round(bf16["samples_per_s"], 2), "selfsup_setting": "bf16 autocast",
-        "baseline": "selfsup fp32", "baseline_value": round(fp32["samples_per_s"], 2),
-        "ratio": round(bf16["samples_per_s"] / fp32["samples_per_s"], 3),
-        "peak_rss_mb": {"bf16": round(bf16["peak_rss_mb"]), "fp32": round(fp32["peak_rss_mb"])},
-        "final_loss": {"bf16": round(bf16["final_loss"], 4), "fp32": round(fp32["final_loss"], 4)},
-        "peer": None, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-        "omp_wait_policy": env["OMP_WAIT_POLICY"],
-    }))
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be smaller than --steps")
+    if not args.peer_python.exists():
+        raise SystemExit(f"bench/vision.py: no lightly environment at {args.peer_python}; "
+                         "build it with `make .venv-bench/.stamp` (or pass --peer-python)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data_path = work / "data.npz"
+        tic = time.perf_counter()
+        info = build_data(data_path, args.dataset, args.size, args.bank, args.test, args.seed)
+        print(f"bench/vision.py: data {info} in {time.perf_counter() - tic:.1f}s", file=sys.stderr)
+        for task in args.tasks:
+            tic = time.perf_counter()
+            line = run_task(task, args, data_path, work)
+            line["data"] = info
+            print(json.dumps(line), flush=True)
+            print(f"bench/vision.py: {task} took {time.perf_counter() - tic:.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
