@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
 # Debian packages the "glyphs" built-in renders from (selfsup data prepare glyphs; shared/DATA.md).
-DEB_PACKAGES := fonts-noto-core unicode-data
+DEB_PACKAGES := fonts-noto-core unicode-data manpages manpages-dev man-db bsdextrautils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean

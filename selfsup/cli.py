@@ -25,7 +25,7 @@ log = logging.getLogger("selfsup")
 EXIT_BAD_INPUT = 2
 
 # Kept equal to selfsup.data.builtin.PREPARABLE (a test checks) so that parsing never imports torch.
-PREPARABLE = ("glyphs",)
+PREPARABLE = ("glyphs", "manpages")
 
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
@@ -93,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List built-in datasets and whether they are available; prepare those that are made once.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
-    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs)",
+    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, manpages)",
                             description="Render a built-in dataset into the selfsup cache ($SELFSUP_CACHE, default "
                             "~/.cache/selfsup) or --out. glyphs: each code point of the Debian Noto fonts (fonts-noto-core), "
-                            "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. Preparing "
+                            "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. manpages: the English man "
+                            "pages of manpages and manpages-dev rendered with man -l | col -bx, labelled by section. Preparing "
                             "again with the same settings and fonts does nothing.")
     p.add_argument("name", choices=PREPARABLE, help="dataset to prepare")
     p.add_argument("--out", type=Path, default=None,
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render the Noto fonts in this folder instead of the files of fonts-noto-core")
     p.add_argument("--scripts-file", type=Path, default=None,
                    help="Unicode Scripts.txt to label with (default: the one in unicode-data)")
+    p.add_argument("--max-pages", type=int, default=None,
+                   help="manpages: render only this many pages, spread evenly (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild even when a build with the same settings exists")
     return parser
 

@@ -74,6 +74,11 @@ def run_data_list() -> None:
 
 def run_data_prepare(args: argparse.Namespace) -> None:
     """`selfsup data prepare NAME`: the work is in the dataset's module; this only reports it."""
+    if args.name == "manpages":
+        from selfsup.data.manpages import prepare_manpages
+
+        print(prepare_manpages(args.out, force=args.force, progress=True, max_pages=args.max_pages).describe())
+        return
     from selfsup.data.glyphs import prepare_glyphs
 
     assert args.name == "glyphs", args.name  # argparse's choices allow nothing else

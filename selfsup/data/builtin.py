@@ -10,6 +10,9 @@ file's size and modification time, so later loads skip the CSV parse.
 "glyphs" is the harder one (about 100 classes): it is rendered once from Debian's Noto fonts by
 `selfsup data prepare glyphs` into the same cache and read back from there (see `glyphs.py`), so
 it is also in PREPARABLE.
+
+"manpages" is a text corpus (rendered once by `selfsup data prepare manpages`, see `manpages.py`);
+it is listed here so that `data list` and `data prepare` cover it, and `text.load_text_source` loads it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ BUILTIN: dict[str, str] = {
     "digits": "1,797 scikit-learn handwritten digits, 8x8 greyscale, 10 classes (bundled with scikit-learn)",
     "glyphs": "~33,000 Noto font glyphs, 32x32 greyscale, ~100 Unicode scripts, Sans/Serif `family` subgroup "
               "(selfsup data prepare glyphs)",
+    "manpages": "~1,100 English Debian man pages as text, labelled by section (1-5, 7, 8), `package` subgroup "
+                "(selfsup data prepare manpages; a text corpus, see text.py)",
 }
 # Built-ins made once by `selfsup data prepare NAME` before they can load (the CLI lists the same names).
-PREPARABLE: tuple[str, ...] = ("glyphs",)
+PREPARABLE: tuple[str, ...] = ("glyphs", "manpages")
 
 _MNIST_RELATIVE = Path("data") / "data" / "mnist_5k.csv.gz"
 _MNIST_SIDE = 28
@@ -58,6 +63,10 @@ def builtin_available(name: str) -> tuple[bool, str]:
         from selfsup.data.glyphs import glyphs_status
 
         return glyphs_status()
+    if name == "manpages":
+        from selfsup.data.manpages import manpages_status
+
+        return manpages_status()
     return False, f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}"
 
 
@@ -71,6 +80,9 @@ def load_builtin(name: str, image_size: int, channels: int = 3) -> ImageSet:
         from selfsup.data.glyphs import load_glyphs  # imports this module, so imported here
 
         return load_glyphs(image_size, channels)
+    elif name == "manpages":
+        raise SelfsupError("'manpages' is a text corpus, not images; use it with a text method, "
+                           "or load it with selfsup.data.text.load_text_source")
     else:
         raise SelfsupError(f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}")
     N, H, W = x.shape

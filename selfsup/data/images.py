@@ -21,7 +21,6 @@ Each kind of file source is read in `sources.py`; Pillow decoding and the bad-fi
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.data.decode import _BadFilePolicy
+from selfsup.data.split import holdout_mask
 from selfsup.errors import SelfsupError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -146,31 +146,13 @@ def load_image_source(
 def split_holdout(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split off a held-out part, stratified by label so that every class keeps its proportion.
 
-    Each class (unlabelled rows, -1, count as one more class) sends round(fraction * n) of its n
-    rows to the holdout, at least 1 when fraction > 0 and n >= 2 and never all of them, so that a
-    rare class is both trained on and evaluated. Both parts keep the source order; the same seed
-    gives the same split.
+    Which rows go is decided by `split.holdout_mask` (shared with text): round(fraction * n) of each
+    class's n rows, at least 1 when n >= 2 and never all of them. Both parts keep the source order;
+    the same seed gives the same split.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise SelfsupError(f"holdout fraction must lie in [0, 1), got {fraction!r}")
-    if fraction == 0.0 or len(data) == 0:
+    is_held = holdout_mask(data.labels, len(data), fraction, seed)
+    if not bool(is_held.any()):  # nothing to hold out: keep the set itself rather than copy its images
         return data, data.subset([])
-    generator = torch.Generator().manual_seed(seed)
-    if data.labels is None:
-        strata = [torch.arange(len(data))]
-    else:
-        strata = [(data.labels == label).nonzero().flatten() for label in data.labels.unique().tolist()]
-    held: list[torch.Tensor] = []
-    for members in strata:
-        num_members = len(members)
-        if num_members < 2:
-            continue
-        num_held = min(max(1, math.floor(fraction * num_members + 0.5)), num_members - 1)
-        order = torch.randperm(num_members, generator=generator)
-        held.append(members[order[:num_held]])
-    is_held = torch.zeros(len(data), dtype=torch.bool)
-    if held:
-        is_held[torch.cat(held)] = True
     return data.subset(~is_held), data.subset(is_held)
 
 

@@ -1,9 +1,11 @@
-"""Image encoders by name: the registry, config resolution, building and a JSON description.
+"""Image and text encoders by name: the registry, config resolution, building and a JSON description.
 
 Every encoder follows the Encoder contract (DESIGN.md, "Contracts"): `forward(x, mask=None)` returns
 feature tokens [B, N, D], `embed(x)` the pooled representation [B, D], and `dim` is D. Methods,
 probes and export only ever go through `build_encoder`, so a new architecture is one more entry
 in `ENCODERS`, and `describe_encoder` writes what `encoder.json` needs to rebuild the weights' shape.
+What an encoder is built for depends on its modality: image encoders take `in_channels` and
+`image_size`, text encoders `vocab_size` and `max_len` (the tokenizer's vocabulary, the longest sequence).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from selfsup.encoders.resnet import ResNet, ResNetConfig
+from selfsup.encoders.text import TextTransformer, TextTransformerConfig
 from selfsup.encoders.vit import ViT, ViTConfig
 from selfsup.errors import SelfsupError
 
@@ -24,9 +27,14 @@ class EncoderSpec(NamedTuple):
     """One registered encoder: how to configure it, what to build, and its preset."""
 
     config_type: type  # the config dataclass
-    module_type: type[nn.Module]  # built as module_type(config, in_channels=..., image_size=...)
+    module_type: type[nn.Module]  # built as module_type(config, **inputs), inputs per MODALITY_INPUTS[modality]
     defaults: dict[str, Any]  # the preset: overrides of the config dataclass defaults
     description: str  # one line for `--help` listings
+    modality: str = "image"  # "image" or "text": which inputs it is built for and consumes
+
+
+# What build_encoder needs besides the config, per modality (the module's keyword arguments).
+MODALITY_INPUTS: dict[str, tuple[str, ...]] = {"image": ("in_channels", "image_size"), "text": ("vocab_size", "max_len")}
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -45,6 +53,18 @@ ENCODERS: dict[str, EncoderSpec] = {
     "vit_small": EncoderSpec(
         ViTConfig, ViT, {"patch_size": 4, "dim": 384, "depth": 12, "heads": 6, "mlp_ratio": 4.0},
         "ViT-Small (patch 4, dim 384, depth 12, 6 heads, 21.3M params)",
+    ),
+    "text_encoder": EncoderSpec(
+        TextTransformerConfig, TextTransformer,
+        {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": False},
+        "bidirectional text transformer for MLM (dim 256, depth 4, 4 heads, FFN 1024, learned positions)",
+        "text",
+    ),
+    "text_decoder": EncoderSpec(
+        TextTransformerConfig, TextTransformer,
+        {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": True},
+        "causal text transformer for next-token prediction (dim 256, depth 4, 4 heads, FFN 1024, learned positions)",
+        "text",
     ),
 }
 
@@ -78,33 +98,53 @@ def encoder_config(name: str, overrides: dict | None = None) -> Any:
     return spec.config_type(**values)
 
 
+def _inputs(name: str, given: dict[str, int | None]) -> dict[str, int]:
+    """The keyword inputs the named encoder's modality needs, or an error naming what is missing or foreign."""
+    modality = _spec(name).modality
+    needed = MODALITY_INPUTS[modality]
+    missing = [key for key in needed if given[key] is None]
+    foreign = [key for key, value in given.items() if value is not None and key not in needed]
+    if missing or foreign:
+        raise SelfsupError(
+            f"encoder '{name}' is a {modality} encoder: build it with {' and '.join(needed)}"
+            + (f" (missing {', '.join(missing)})" if missing else "")
+            + (f" (not {', '.join(foreign)}, which are for other modalities)" if foreign else "")
+        )
+    return {key: given[key] for key in needed}
+
+
 def build_encoder(
-    name: str, *, in_channels: int, image_size: int, config: dict | None = None, **overrides: Any
+    name: str, *, in_channels: int | None = None, image_size: int | None = None, vocab_size: int | None = None,
+    max_len: int | None = None, config: dict | None = None, **overrides: Any,
 ) -> nn.Module:
-    """Build the named encoder for images of `in_channels` x `image_size` x `image_size`.
+    """Build the named encoder: for images of `in_channels` x `image_size` x `image_size`, or for text
+    of token ids below `vocab_size` in sequences of at most `max_len`.
 
     `config` (as written by `describe_encoder`) and `overrides` are both applied to the preset,
     `overrides` last, so `build_encoder(**describe_encoder(...))` rebuilds the same architecture.
     ResNets accept any image size and ignore `image_size`.
     """
+    inputs = _inputs(name, {"in_channels": in_channels, "image_size": image_size, "vocab_size": vocab_size,
+                            "max_len": max_len})
     cfg = encoder_config(name, {**(config or {}), **overrides})
-    return _spec(name).module_type(cfg, in_channels=in_channels, image_size=image_size)
+    return _spec(name).module_type(cfg, **inputs)
 
 
-def describe_encoder(name: str, *, in_channels: int, image_size: int, **overrides: Any) -> dict:
+def describe_encoder(
+    name: str, *, in_channels: int | None = None, image_size: int | None = None, vocab_size: int | None = None,
+    max_len: int | None = None, **overrides: Any,
+) -> dict:
     """A JSON-able description of the encoder that `build_encoder(**description)` rebuilds.
 
     The full resolved config is stored (not just the overrides), so the description still rebuilds
-    the same shapes if a preset's defaults change later.
+    the same shapes if a preset's defaults change later. It holds the modality's inputs only
+    (in_channels/image_size or vocab_size/max_len).
     """
+    inputs = _inputs(name, {"in_channels": in_channels, "image_size": image_size, "vocab_size": vocab_size,
+                            "max_len": max_len})
     cfg = encoder_config(name, overrides)
-    return {
-        "name": name,
-        "in_channels": in_channels,
-        "image_size": image_size,
-        "config": dataclasses.asdict(cfg),
-    }
+    return {"name": name, **inputs, "config": dataclasses.asdict(cfg)}
 
 
-__all__ = ["ENCODERS", "EncoderSpec", "ResNet", "ResNetConfig", "ViT", "ViTConfig",
-           "build_encoder", "describe_encoder", "encoder_config"]
+__all__ = ["ENCODERS", "MODALITY_INPUTS", "EncoderSpec", "ResNet", "ResNetConfig", "TextTransformer",
+           "TextTransformerConfig", "ViT", "ViTConfig", "build_encoder", "describe_encoder", "encoder_config"]

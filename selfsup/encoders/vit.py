@@ -6,10 +6,11 @@ the joint-embedding methods use it as the second backbone beside the ResNet.
 Design choices:
 - Pre-norm blocks (LayerNorm before attention and MLP) and a final LayerNorm, as in the paper; the
   pre-norm form trains without learning-rate warm-up tricks at depth 12.
-- Attention calls `torch.nn.functional.scaled_dot_product_attention` on a fused qkv projection, so
-  PyTorch picks its fused (flash / memory-efficient) kernel on each device, and bf16 autocast runs
-  the three projections as one matmul. The one exception is bf16 on the CPU, where two plain
-  matmuls were measured faster (see `attend`): ViT-Tiny fwd+bwd at 32 px, batch 64, 1 thread,
+- The blocks are the shared pre-norm blocks of `selfsup.encoders.transformer` (the text encoders use
+  them too). Attention calls `torch.nn.functional.scaled_dot_product_attention` on a fused qkv
+  projection, so PyTorch picks its fused (flash / memory-efficient) kernel on each device, and bf16
+  autocast runs the three projections as one matmul. The one exception is bf16 on the CPU, where two
+  plain matmuls were measured faster (see `attend`): ViT-Tiny fwd+bwd at 32 px, batch 64, 1 thread,
   45 -> 65 img/s.
 - `mask` (True = masked patch) replaces the masked patches' embeddings with a learned mask token
   *before* positions are added, as BEiT does: the sequence length is unchanged and the model still
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.encoders.transformer import Block, attend  # noqa: F401 (attend: re-exported, tests use it)
 from selfsup.errors import SelfsupError
 
 POOLS = ("cls", "mean")
@@ -61,54 +63,6 @@ class ViTConfig:
         """The divisor of dim nearest to the requested number of heads, for the error message."""
         divisors = [h for h in range(1, self.dim + 1) if self.dim % h == 0]
         return min(divisors, key=lambda h: abs(h - self.heads))
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over the last two dims, by the fastest kernel for the inputs.
-
-    `scaled_dot_product_attention` everywhere except bf16 on the CPU: there its flash kernel's
-    backward is slow at our token counts. Measured on the 2-vCPU dev box, 1 thread, bf16,
-    [64, 3, 65, 64] q/k/v, fwd+bwd: SDPA 47 ms, these two matmuls 9 ms (and still 2x faster at
-    1025 tokens); in fp32 SDPA is as fast or faster, so it keeps fp32.
-    """
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, N, N]
-        return scores.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D/heads]
-        out = attend(q, k, v)  # [B, heads, N, D/heads]
-        out = out.transpose(1, 2).reshape(B, N, D)  # heads concatenated per token
-        return self.proj(out)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 class ViT(nn.Module):
