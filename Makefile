@@ -1,4 +1,7 @@
 # One command sets everything up and runs the demo (`make demo`); one runs the tests (`make test`).
+# bash with pipefail: a benchmark piped through tee must still fail the target when it fails.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -61,4 +64,4 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache

@@ -1,0 +1,55 @@
+"""Next-token prediction — GPT (Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training").
+
+Objective: a causal Transformer reads tokens x_1..x_t and predicts x_{t+1} at every position; the
+loss is the mean cross-entropy of the shifted targets, L = -1/N Σ_t log p(x_{t+1} | x_≤t). With
+packed blocks, a position whose next token belongs to another document (or is padding) carries no
+loss, so the model is never asked to predict across a document boundary.
+
+Deviations from the paper: pre-norm blocks (GPT-2) rather than post-norm; no auxiliary
+fine-tuning objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Config:
+    ignore_cross_document: bool = True  # no loss where the next token starts another document
+
+
+def next_token_targets(input_ids: Tensor, document_ids: Tensor | None, attention_mask: Tensor | None,
+                       ignore_cross_document: bool) -> tuple[Tensor, Tensor]:
+    """(targets [B, L-1], valid bool [B, L-1]): position t predicts token t+1 when both are real and in one document."""
+    targets = input_ids[:, 1:]
+    valid = targets.new_ones(targets.shape, dtype=bool)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real = attention_mask.bool()
+        valid &= real[:, 1:] & real[:, :-1]
+    if document_ids is not None:
+        valid &= document_ids[:, 1:] >= 0
+        if ignore_cross_document:
+            valid &= document_ids[:, 1:] == document_ids[:, :-1]
+    return targets, valid
+
+
+class NextToken(nn.Module):
+    def __init__(self, cfg: Config, encoder: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+
+    def forward(self, batch: dict, progress: float) -> dict[str, Tensor]:
+        input_ids = batch["input_ids"]  # [B, L]
+        hidden = self.encoder(input_ids, attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"))  # [B, L, D]
+        targets, valid = next_token_targets(input_ids, batch.get("document_ids"), batch.get("token_mask"),
+                                            self.cfg.ignore_cross_document)
+        logits = self.encoder.lm_head(hidden[:, :-1][valid])  # [num_valid, V]
+        loss = F.cross_entropy(logits.float(), targets[valid])
+        accuracy = (logits.argmax(dim=-1) == targets[valid]).float().mean()
+        return {"loss": loss, "next_token_acc": accuracy.detach()}
