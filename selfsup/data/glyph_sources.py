@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from selfsup.data.prepared import debian_package_versions
 from selfsup.errors import SelfsupError
 
 FONT_PACKAGE = "fonts-noto-core"
@@ -134,16 +135,7 @@ def _dpkg_files(package: str) -> list[Path] | None:
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the two packages (None when missing or when dpkg is unavailable)."""
-    versions: dict[str, str | None] = {}
-    for package in (FONT_PACKAGE, UNICODE_PACKAGE):
-        try:
-            done = subprocess.run(["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", package],
-                                  capture_output=True, text=True, timeout=60)
-            status, _, version = done.stdout.strip().partition(" ")
-            versions[package] = version if done.returncode == 0 and status == "installed" else None
-        except (OSError, subprocess.SubprocessError):
-            versions[package] = None
-    return versions
+    return debian_package_versions((FONT_PACKAGE, UNICODE_PACKAGE))
 
 
 def _missing(what: str) -> SelfsupError:

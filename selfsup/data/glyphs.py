@@ -48,6 +48,7 @@ from selfsup.data.decode import _BadFilePolicy
 from selfsup.data.glyph_sources import (FONT_PACKAGE, INSTALL_COMMAND, RENDERER_VERSION, GlyphRenderer, ScriptTable,
                                         find_fonts, find_scripts_file, package_versions, parse_scripts)
 from selfsup.data.images import ImageSet, images_from_array
+from selfsup.data.prepared import read_stamp
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -127,11 +128,7 @@ def _inputs(fonts: list[tuple[Path, str]], scripts_file: Path) -> dict:
 
 
 def _read_stamp(folder: Path) -> dict | None:
-    try:
-        stamp = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
+    return read_stamp(folder / STAMP)
 
 
 def prepare_glyphs(out: Path | None = None, size: int = 32, min_per_script: int = 50,

@@ -38,6 +38,7 @@ from typing import TextIO
 
 from selfsup.data.builtin import cache_dir
 from selfsup.data.text import TextSet, iter_text_source, texts_from_records
+from selfsup.data.prepared import debian_package_versions, read_stamp
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -103,21 +104,6 @@ def manpages_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Finding and rendering the pages
-
-
-def _package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
-    """Installed versions (None when missing, or when dpkg-query is unavailable)."""
-    versions: dict[str, str | None] = {}
-    for package in packages:
-        try:
-            done = subprocess.run(["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", package],
-                                  capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            versions[package] = None
-            continue
-        status, _, version = done.stdout.strip().partition(" ")
-        versions[package] = version if done.returncode == 0 and status == "installed" else None
-    return versions
 
 
 def _is_alias(path: Path) -> bool:
@@ -202,11 +188,7 @@ def _check_tools() -> None:
 
 
 def _read_stamp(folder: Path) -> dict | None:
-    try:
-        stamp = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
+    return read_stamp(folder / STAMP)
 
 
 def _write_atomically(target: Path, write: Callable[[TextIO], object]) -> None:
@@ -239,7 +221,7 @@ def prepare_manpages(out: Path | None = None, force: bool = False, progress: boo
     _check_tools()
     started = time.perf_counter()
     settings = {"max_pages": max_pages, "width": WIDTH}
-    inputs = {"render_version": RENDER_VERSION, "packages": _package_versions(PACKAGES + RENDERER_PACKAGES)}
+    inputs = {"render_version": RENDER_VERSION, "packages": debian_package_versions(PACKAGES + RENDERER_PACKAGES)}
     stamp = _read_stamp(out)
     corpus = out / CORPUS
     if (stamp is not None and not force and stamp.get("settings") == settings and stamp.get("inputs") == inputs
@@ -313,7 +295,7 @@ def manpages_status() -> tuple[bool, str]:
     stamp = _read_stamp(folder)
     if stamp is not None and (folder / CORPUS).is_file():
         return True, f"prepared in {folder}: {stamp.get('num_pages', '?')} pages"
-    versions = _package_versions(PACKAGES)
+    versions = debian_package_versions(PACKAGES)
     missing = [package for package, version in versions.items() if version is None]
     missing += [tool for tool in ("man", "col") if shutil.which(tool) is None]
     if missing:
