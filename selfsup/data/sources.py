@@ -23,16 +23,22 @@ from selfsup.errors import SelfsupError
 # Folders
 
 
-def _load_folder(root: Path, image_size: int, channels: int, policy: _BadFilePolicy,
-                 progress: bool) -> ImageSet:
-    """A folder tree; hidden files and folders (".name") are ignored, symlinked folders not followed."""
+def walk_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Sorted posix paths, relative to `root`, of the files with these (lower-case) extensions;
+    hidden files and folders (".name") are skipped and symlinked folders are not followed."""
     relative: list[str] = []
     for folder, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
-            if not filename.startswith(".") and filename.lower().endswith(IMAGE_EXTENSIONS):
+            if not filename.startswith(".") and filename.lower().endswith(extensions):
                 relative.append((Path(folder) / filename).relative_to(root).as_posix())
-    relative.sort()
+    return sorted(relative)
+
+
+def _load_folder(root: Path, image_size: int, channels: int, policy: _BadFilePolicy,
+                 progress: bool) -> ImageSet:
+    """A folder tree; hidden files and folders (".name") are ignored, symlinked folders not followed."""
+    relative = walk_files(root, IMAGE_EXTENSIONS)
     if not relative:
         raise SelfsupError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
 

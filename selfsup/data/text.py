@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from selfsup.data.sources import _cell, _sorted_classes
+from selfsup.data.sources import _cell, _sorted_classes, walk_files
 from selfsup.data.split import holdout_mask
 from selfsup.errors import SelfsupError
 
@@ -160,13 +160,7 @@ class _LineReader:
 
 def _iter_folder(root: Path, unit: str, reader: _LineReader) -> Iterator[TextRecord]:
     """Every .txt file under `root`, sorted; hidden files and folders (".name") are ignored."""
-    relative: list[str] = []
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for filename in filenames:
-            if not filename.startswith(".") and filename.lower().endswith(TEXT_EXTENSIONS):
-                relative.append((Path(folder) / filename).relative_to(root).as_posix())
-    relative.sort()
+    relative = walk_files(root, TEXT_EXTENSIONS)
     if not relative:
         raise SelfsupError(f"{root}: no text files found (looked for {', '.join(TEXT_EXTENSIONS)}); {_ACCEPTED}")
     # As for image folders: labelled only when every file sits in one of >= 2 class sub-folders.
