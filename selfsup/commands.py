@@ -36,11 +36,12 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> None:
-    from selfsup.adapt.frozen import encoder_features, labelled
+    from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
     from selfsup.adapt.probes import format_table, probe_suite
     from selfsup.config import load_config
+    from selfsup.data.tokenizer import TextTokenizer
     from selfsup.export.encoder import load_encoder
-    from selfsup.train.pretrain import CONFIG_FILE, load_splits
+    from selfsup.train.pretrain import CONFIG_FILE, build_encoder_from, load_splits
     from selfsup.train.runtime import init_runtime
 
     run = Path(args.run)
@@ -50,18 +51,83 @@ def run_probe(args: argparse.Namespace) -> None:
         raise SelfsupError(f"{run / CONFIG_FILE}: not found; probe needs the run's config to rebuild its data split")
     cfg = load_config(run / CONFIG_FILE, overrides)
     train, holdout = load_splits(cfg)
-    train_x, train_y = labelled(train, "training")
-    test_x, test_y = labelled(holdout, "held-out")
+    train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
     runtime = init_runtime(cfg.train.device, cfg.train.precision)
     pre = meta["preprocess"]
-    fx = encoder_features(encoder.to(runtime.device), train_x, pre, runtime.device, runtime.autocast_dtype)
-    ft = encoder_features(encoder, test_x, pre, runtime.device, runtime.autocast_dtype)
-    results = probe_suite(meta["method"]["name"], fx, train_y, ft, test_y, fractions=args.fractions or cfg.probe.fractions,
-                          seed=cfg.seed, k=cfg.probe.knn_k, probes=cfg.probe.probes)
+    if pre.get("modality") == "text":
+        tokenizer = TextTokenizer.load(run / pre["tokenizer"])
+
+        def features(model, data, rows):
+            texts = [data.texts[i] for i in rows.tolist()]
+            return text_features(model, tokenizer, texts, pre["seq_len"], runtime.device, runtime.autocast_dtype,
+                                 max_chunks=args.max_chunks)
+
+        inputs = {"vocab_size": meta["encoder"]["vocab_size"], "max_len": meta["encoder"]["max_len"]}
+    else:
+        def features(model, data, rows):
+            return encoder_features(model.to(runtime.device), data.images[rows], pre, runtime.device,
+                                    runtime.autocast_dtype)
+
+        inputs = {}
+    train_y, test_y = train.labels[train_rows], holdout.labels[test_rows]
+    fractions = args.fractions or cfg.probe.fractions
+    candidates = [(meta["method"]["name"], encoder)]
+    if args.compare_untrained:
+        # The run's own starting point: same architecture, same seed, so the weights pretraining began from.
+        candidates.append(("untrained", build_encoder_from(cfg, **inputs)[0]))
+    results = []
+    for name, model in candidates:
+        fx, ft = features(model, train, train_rows), features(model, holdout, test_rows)
+        results += probe_suite(name, fx, train_y, ft, test_y, fractions=fractions, seed=cfg.seed, k=cfg.probe.knn_k,
+                               probes=cfg.probe.probes)
     print(format_table(results))
     out = args.out or run / "probe.json"
     out.write_text(json.dumps([r.as_dict() for r in results], indent=1))
     log.info("wrote %s", out)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from selfsup.export.hf import export_hf
+
+    out = export_hf(args.run, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with transformers' AutoModelFor{'CausalLM' if _is_causal(args.run) else 'MaskedLM'}"
+          f".from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained({str(out)!r})")
+
+
+def _is_causal(run: Path) -> bool:
+    meta = json.loads((Path(run) / "encoder.json").read_text())
+    return bool(meta["encoder"]["config"].get("causal"))
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from selfsup.data.tokenizer import TextTokenizer
+    from selfsup.export.encoder import load_encoder
+    from selfsup.generate import SamplingConfig, check_generator_model, generate_text
+
+    encoder, meta = load_encoder(args.run)
+    check_generator_model(encoder)
+    pre = meta["preprocess"]
+    tokenizer = TextTokenizer.load(Path(args.run) / pre["tokenizer"])
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    for i, text in enumerate(generate_text(encoder, tokenizer, args.prompt, cfg, seed=args.seed,
+                                           num_samples=args.num_samples)):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> None:
+    from selfsup.data.text import iter_text_source, load_text_source
+    from selfsup.data.tokenizer import train_tokenizer
+
+    if str(args.source) == "manpages":
+        texts = iter(load_text_source("manpages").texts)
+    else:
+        texts = (record.text for record in iter_text_source(args.source, text_field=args.text_field, unit=args.unit,
+                                                            errors=args.errors))
+    tokenizer = train_tokenizer(texts, args.kind, args.vocab_size, args.min_frequency)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out}: {tokenizer.kind}, {tokenizer.vocab_size} tokens; use it with tokenizer.path={args.out}")
 
 
 def run_data_list() -> None:

@@ -25,14 +25,29 @@ from selfsup.errors import SelfsupError
 
 @dataclass
 class DataConfig:
-    source: str = "mnist"  # a built-in name (`selfsup data list`), an image folder, a .csv/.jsonl manifest or a .npz file
-    image_size: int = 32  # images are resized to image_size x image_size once, at load
-    channels: int = 3  # 3 = RGB (greyscale sources are replicated), 1 = greyscale
-    holdout_fraction: float = 0.2  # held out (stratified when labelled) for probes and the kNN monitor; never pretrained on
-    on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image does: stop the run, or be skipped and counted
-    max_bad_fraction: float = 0.01  # with on_bad_file=skip, abort when more than this fraction of files is bad
+    source: str | None = None  # a built-in name (`selfsup data list`), a folder, a manifest (.csv/.jsonl), an .npz (images) or a .txt (text); None = the method's default (mnist, manpages)
+    holdout_fraction: float = 0.2  # held out (stratified when labelled) for probes and held-out metrics; never pretrained on
     label_column: str = "label"  # manifest column holding the class label (optional)
     group_columns: list[str] | None = None  # manifest columns holding subgroups; None = "group" when present
+    # images
+    image_size: int = 32  # images are resized to image_size x image_size once, at load
+    channels: int = 3  # 3 = RGB (greyscale sources are replicated), 1 = greyscale
+    on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image does: stop the run, or be skipped and counted
+    max_bad_fraction: float = 0.01  # with on_bad_file=skip, abort when more than this fraction of files is bad
+    # text
+    seq_len: int = 128  # tokens per packed training block (documents are concatenated and cut into blocks)
+    document_masks: bool = False  # true = a token attends only to its own document within a block; false = GPT-2/RoBERTa packing (cheaper)
+    text_field: str = "text"  # .jsonl key / .csv column holding the document text
+    text_unit: Literal["file", "line"] = "file"  # a folder of .txt files: one document per file, or per line
+    text_errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: stop naming file and line, or replace it
+    max_line_chars: int = 1_000_000  # a longer line is cut into pieces (never loaded whole)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # a tokenizer.json to use (e.g. from `selfsup tokenizer train`); None = train one on the training split
+    vocab_size: int = 8192  # at most this many tokens (special tokens and, for BPE, the 256 bytes included)
+    min_frequency: int = 2  # a merge must occur this often in the corpus to enter the vocabulary
 
 
 @dataclass
@@ -52,8 +67,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted once a newer one is valid)
     log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
-    knn_every: int = 0  # steps between kNN-monitor evaluations on the held-out split (0 = only at the end)
+    eval_every: int = 0  # steps between held-out evaluations: kNN accuracy (images), loss and perplexity (text); 0 = only at the end
     knn_max_bank: int = 5000  # at most this many labelled training images form the kNN monitor's bank
+    eval_max_blocks: int = 128  # at most this many held-out blocks are scored for perplexity (text)
     diagnostics_every: int = 50  # steps between collapse diagnostics (embedding std, effective rank); 0 = never
     tensorboard: bool = False  # also write TensorBoard event files (needs `pip install tensorboard`)
 
@@ -69,8 +85,9 @@ class ProbeConfig:
 class RunConfig:
     seed: int = 0  # seeds weights, views, data order and splits
     method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})  # name + the method's own knobs
-    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "resnet18"})  # name + the encoder's knobs
+    encoder: dict[str, Any] = field(default_factory=dict)  # name + the encoder's knobs; no name = the method's default encoder
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # text methods only
     views: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (selfsup.data.views.ViewsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -228,8 +245,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def load_config(path: Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None) -> RunConfig:
     """The run config from defaults <- `base` <- YAML file <- `a.b=c` overrides, fully validated."""
-    # The open-ended sections start from their default names so `method.temperature=0.1` alone works.
-    tree: dict[str, Any] = {"method": dict(RunConfig().method), "encoder": dict(RunConfig().encoder)}
+    # The method section starts from its default name so `method.temperature=0.1` alone works.
+    tree: dict[str, Any] = {"method": dict(RunConfig().method)}
     _merge(tree, base or {})
     if path is not None:
         _merge(tree, read_yaml(path))
@@ -237,31 +254,40 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = (), 
         key, value = parse_override(text)
         _set_path(tree, key, value)
     cfg = from_dict(RunConfig, tree)
-    _apply_method_views(cfg)
+    _apply_method_defaults(cfg)
     validate(cfg)
     return cfg
 
 
-def _apply_method_views(cfg: RunConfig) -> None:
-    """The method's own view recipe (BYOL's asymmetric blur, DINO's multi-crop) under the user's keys."""
+def _apply_method_defaults(cfg: RunConfig) -> None:
+    """What the method implies unless the user said otherwise: its encoder, its default dataset, and
+    its view recipe (BYOL's asymmetric blur, DINO's multi-crop) under the user's `views:` keys."""
     from selfsup.methods import method_spec
 
     name = cfg.method.get("name")
-    if isinstance(name, str):
-        cfg.views = {**method_spec(name).views, **cfg.views}
+    if not isinstance(name, str):
+        return
+    spec = method_spec(name)
+    cfg.encoder = {"name": spec.encoder, **cfg.encoder}
+    if cfg.data.source is None:
+        cfg.data.source = spec.default_source
+    if spec.inputs == "views":
+        cfg.views = {**spec.views, **cfg.views}
 
 
 def validate(cfg: RunConfig) -> None:
     """Range checks and the open-ended sections (method, encoder, views), resolved against their registries."""
     # Imported here: the registries import torch, which must not load before the CLI sets threads.
     from selfsup.data.views import ViewsConfig, validate_views_config
-    from selfsup.encoders import encoder_config
-    from selfsup.methods import method_config
+    from selfsup.encoders import ENCODERS, encoder_config
+    from selfsup.methods import method_config, method_spec
 
     t = cfg.train
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.accum_steps": t.accum_steps,
                 "train.checkpoint_every": t.checkpoint_every, "train.keep_last": t.keep_last,
-                "train.log_every": t.log_every, "data.image_size": cfg.data.image_size, "probe.knn_k": cfg.probe.knn_k}
+                "train.log_every": t.log_every, "data.image_size": cfg.data.image_size, "probe.knn_k": cfg.probe.knn_k,
+                "data.seq_len": cfg.data.seq_len, "data.max_line_chars": cfg.data.max_line_chars,
+                "train.eval_max_blocks": t.eval_max_blocks, "tokenizer.min_frequency": cfg.tokenizer.min_frequency}
     for key, value in positive.items():
         if value < 1:
             raise SelfsupError(f"`{key}` must be at least 1, got {value}")
@@ -273,8 +299,8 @@ def validate(cfg: RunConfig) -> None:
         raise SelfsupError(f"`train.warmup_fraction` must be in [0, 1), got {t.warmup_fraction}")
     if t.diagnostics_every < 0:
         raise SelfsupError(f"`train.diagnostics_every` must be 0 (never) or positive, got {t.diagnostics_every}")
-    if t.knn_every < 0:
-        raise SelfsupError(f"`train.knn_every` must be 0 (only at the end) or positive, got {t.knn_every}")
+    if t.eval_every < 0:
+        raise SelfsupError(f"`train.eval_every` must be 0 (only at the end) or positive, got {t.eval_every}")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise SelfsupError(f"`train.grad_clip` must be positive or null, got {t.grad_clip}")
     if cfg.data.channels not in (1, 3):
@@ -285,7 +311,18 @@ def validate(cfg: RunConfig) -> None:
         if not 0 < frac <= 1:
             raise SelfsupError(f"`probe.fractions` must be in (0, 1], got {frac}")
     method_config(cfg.method)
-    encoder_config(_name(cfg.encoder, "encoder"), {k: v for k, v in cfg.encoder.items() if k != "name"})
+    encoder_name = _name(cfg.encoder, "encoder")
+    encoder_cfg = encoder_config(encoder_name, {k: v for k, v in cfg.encoder.items() if k != "name"})
+    spec = method_spec(cfg.method["name"])
+    modality = ENCODERS[encoder_name].modality
+    if modality != spec.modality:
+        fitting = sorted(n for n, e in ENCODERS.items() if e.modality == spec.modality)
+        raise SelfsupError(f"method `{cfg.method['name']}` trains a {spec.modality} encoder, but `encoder.name={encoder_name}` "
+                           f"is a {modality} encoder; use one of {', '.join(fitting)} (default {spec.encoder})")
+    if spec.causal is not None and getattr(encoder_cfg, "causal", None) != spec.causal:
+        need = "causal (each token sees only earlier tokens)" if spec.causal else "bidirectional"
+        raise SelfsupError(f"method `{cfg.method['name']}` needs a {need} encoder: set `encoder.causal={str(spec.causal).lower()}` "
+                           f"or use `encoder.name={spec.encoder}`")
     validate_views_config(from_dict(ViewsConfig, cfg.views, prefix="views."))
 
 

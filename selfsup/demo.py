@@ -34,7 +34,7 @@ DEMO_CONFIG = {
     "views": {"crop_scale": [0.3, 1.0], "flip_p": 0.0, "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4,
               "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0},
     "train": {"steps": 300, "batch_size": 256, "lr": 3e-3, "warmup_fraction": 0.1, "weight_decay": 1e-4,
-              "checkpoint_every": 100, "knn_every": 100, "log_every": 20},
+              "checkpoint_every": 100, "eval_every": 100, "log_every": 20},
 }
 
 

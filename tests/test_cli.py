@@ -100,7 +100,7 @@ def test_data_list(capsys):
 def test_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--steps", "3", "encoder.width=8", "train.batch_size=64",
-                 "train.precision=fp32", "train.knn_every=0", "probe.fractions=[0.1, 1.0]"])
+                 "train.precision=fp32", "train.eval_every=0", "probe.fractions=[0.1, 1.0]"])
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("raw", "random", "simclr"):

@@ -1,4 +1,10 @@
-"""Probing a frozen encoder on a labelled split: features once, then every probe and label fraction."""
+"""Probing a frozen encoder on a labelled split: features once, then every probe and label fraction.
+
+Images are prepared as the encoder was trained (size, normalisation). Text documents are tokenized
+with the run's tokenizer and cut into chunks of the training block length, each wrapped with the
+tokenizer's bounds as in training; a document's feature is the mean of its first `max_chunks` chunk
+embeddings (man pages run to thousands of tokens; the first block alone would see only the header).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,23 @@ from torch import Tensor, nn
 
 from selfsup.adapt.probes import extract_features
 from selfsup.data.images import ImageSet
+from selfsup.data.text import TextSet
+from selfsup.data.tokenizer import TextTokenizer
 from selfsup.data.views import normalise
 from selfsup.errors import SelfsupError
 
 
-def labelled(data: ImageSet, what: str) -> tuple[Tensor, Tensor]:
-    """(images, labels) of the rows that carry a label; an error when there are none."""
+def labelled_rows(data: ImageSet | TextSet, what: str) -> Tensor:
+    """Indices of the rows that carry a label; an error when there are none."""
     if data.labels is None or not bool((data.labels >= 0).any()):
         raise SelfsupError(f"{data.source}: the {what} split has no labels, so it cannot be probed; "
                            f"use a labelled source (class sub-folders, a manifest label column, or .npz `y`)")
-    keep = torch.nonzero(data.labels >= 0).flatten()
+    return torch.nonzero(data.labels >= 0).flatten()
+
+
+def labelled(data: ImageSet, what: str) -> tuple[Tensor, Tensor]:
+    """(images, labels) of the rows that carry a label; an error when there are none."""
+    keep = labelled_rows(data, what)
     return data.images[keep], data.labels[keep]
 
 
@@ -34,3 +47,40 @@ def raw_pixels(images: Tensor) -> Tensor:
     """The raw-pixel baseline: flattened images scaled to [0, 1], [N, C*H*W]."""
     return images.flatten(1).float() / 255
 
+
+
+@torch.no_grad()
+def text_features(encoder: nn.Module, tokenizer: TextTokenizer, texts: list[str], seq_len: int, device: torch.device,
+                  autocast_dtype: torch.dtype | None, max_chunks: int = 4, batch_size: int = 64) -> Tensor:
+    """Pooled embeddings [N, D] (float32, CPU) of documents: the mean of `encoder.embed` over each
+    document's first `max_chunks` chunks of `seq_len` tokens (bounds included, padding masked)."""
+    if not texts:
+        raise SelfsupError("text_features got no documents: the dataset or split is empty")
+    bos, eos = tokenizer.packing_bounds
+    head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
+    body = seq_len - len(head) - len(tail)
+    if body < 1:
+        raise SelfsupError(f"seq_len={seq_len} leaves no room for text between the tokenizer's bounds")
+    chunks: list[list[int]] = []
+    owner: list[int] = []  # the document each chunk belongs to
+    for index, ids in enumerate(tokenizer.encode_batch(texts)):
+        for start in range(0, max(len(ids), 1), body)[:max_chunks]:
+            chunks.append(head + ids[start : start + body] + tail)
+            owner.append(index)
+    encoder.eval().to(device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    pieces = []
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start : start + batch_size]
+        L = max(len(c) for c in batch)
+        ids = torch.full((len(batch), L), tokenizer.pad_id, dtype=torch.long)
+        real = torch.zeros(len(batch), L, dtype=torch.bool)
+        for row, chunk in enumerate(batch):
+            ids[row, : len(chunk)] = torch.tensor(chunk)
+            real[row, : len(chunk)] = True
+        with autocast:
+            pieces.append(encoder.embed(ids.to(device), attention_mask=real.to(device)).float().cpu())
+    per_chunk = torch.cat(pieces)  # [num_chunks, D]
+    owners = torch.tensor(owner)
+    sums = torch.zeros(len(texts), per_chunk.shape[1]).index_add_(0, owners, per_chunk)
+    return sums / torch.bincount(owners, minlength=len(texts)).unsqueeze(1).float()

@@ -1,4 +1,5 @@
-"""Turns dataset indices into training batches on the device, with the views made there, batched."""
+"""Turns dataset indices into training batches on the device: image views made there, batched, or
+packed token blocks with their masks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from selfsup.data.images import ImageSet
+from selfsup.data.packing import PAD_DOCUMENT, PackedBlocks, block_attention_mask, document_positions
 from selfsup.data.views import ImageViews
 
 # Datasets below this size (uint8 bytes) are moved to the accelerator once, so a step copies nothing.
@@ -35,6 +37,48 @@ class ImageBatches:
         if self.data.labels is not None:
             batch["label"] = self.data.labels[indices].to(self.device)
         return batch
+
+
+class TextBatches:
+    """`batches(indices, generator)` -> packed token blocks for the text methods:
+
+    - "input_ids" int64 [B, L]; "token_mask" bool [B, L] (True = a real token, False = padding);
+    - "document_ids" int64 [B, L] (-1 = padding), so next-token prediction skips document boundaries;
+    - "attention_mask": absent when every key may be seen (the fast path: no mask tensor at all),
+      [B, L] when the batch holds padding, or [B, L, L] block-diagonal with `document_masks`
+      (a token sees its own document only) — then "position_ids" restart at each document too;
+    - "generator": the step's generator, for masking that is the objective (MLM);
+    - "id": the documents each block holds (for error messages), "index": the block indices,
+      "num_tokens": the real tokens in the batch (an int, counted before the copy to the device).
+    Causality is the encoder's business (its config), not the batch's.
+    """
+
+    def __init__(self, blocks: PackedBlocks, document_names: list[str], device: torch.device, document_masks: bool):
+        self.blocks, self.document_names, self.device = blocks, document_names, device
+        self.document_masks = document_masks
+        self.num_items = blocks.num_blocks
+
+    def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
+        input_ids = self.blocks.input_ids[indices].to(self.device, non_blocking=True)  # [B, L]
+        document_ids = self.blocks.document_ids[indices].to(self.device, non_blocking=True)  # [B, L]
+        real_cpu = self.blocks.attention_mask[indices]  # [B, L]
+        real = real_cpu.to(self.device, non_blocking=True)
+        batch: dict[str, Any] = {"input_ids": input_ids, "token_mask": real, "document_ids": document_ids,
+                                 "generator": generator, "index": indices, "id": self._names(indices),
+                                 "num_tokens": int(real_cpu.sum())}
+        if self.document_masks:
+            batch["attention_mask"] = block_attention_mask(document_ids, causal=False)  # [B, L, L]
+            batch["position_ids"] = document_positions(document_ids)  # [B, L]
+        elif not bool(real_cpu.all()):
+            batch["attention_mask"] = real
+        return batch
+
+    def _names(self, indices: Tensor) -> list[str]:
+        names = []
+        for row in self.blocks.document_ids[indices]:
+            held = [self.document_names[d] for d in torch.unique_consecutive(row).tolist() if d != PAD_DOCUMENT]
+            names.append("+".join(held) if len(held) <= 3 else f"{held[0]}+...+{held[-1]} ({len(held)} documents)")
+        return names
 
 
 def channel_stats(images: Tensor, max_items: int = 10_000) -> tuple[list[float], list[float]]:

@@ -114,8 +114,8 @@ class _LineReader:
                     bad = err.object[err.start:err.end].hex(" ")
                     where = line_bytes - num_buffered + err.start + 1
                     raise SelfsupError(f"{path}:{line_number}: invalid UTF-8 (byte {bad} at byte {where} of the "
-                                       f"line); convert the file to UTF-8, or pass errors='replace' to read such "
-                                       f"bytes as U+FFFD") from None
+                                       f"line); convert the file to UTF-8, or pass errors='replace' (in a run config: "
+                                       f"data.text_errors=replace) to read such bytes as U+FFFD") from None
                 line_bytes += len(raw)
                 if is_start and text:
                     text, is_start = text.removeprefix("\ufeff"), False  # a byte-order mark is not content

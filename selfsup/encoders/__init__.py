@@ -56,14 +56,17 @@ ENCODERS: dict[str, EncoderSpec] = {
     ),
     "text_encoder": EncoderSpec(
         TextTransformerConfig, TextTransformer,
-        {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": False},
-        "bidirectional text transformer for MLM (dim 256, depth 4, 4 heads, FFN 1024, learned positions)",
+        {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": False,
+         "embed_norm": True, "lm_transform": True},
+        "bidirectional text transformer for MLM (dim 256, depth 4, 4 heads, FFN 1024, learned positions, "
+        "BERT's embedding norm and MLM head; exports as RoBERTa-PreLayerNorm)",
         "text",
     ),
     "text_decoder": EncoderSpec(
         TextTransformerConfig, TextTransformer,
         {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": True},
-        "causal text transformer for next-token prediction (dim 256, depth 4, 4 heads, FFN 1024, learned positions)",
+        "causal text transformer for next-token prediction (dim 256, depth 4, 4 heads, FFN 1024, learned positions; "
+        "exports as GPT-2)",
         "text",
     ),
 }

@@ -16,8 +16,12 @@ Design choices:
   `tie_embeddings` (BERT and GPT-2 do): fewer parameters, and rare tokens' input vectors get the
   gradient of every output softmax. It is a method rather than an `nn.Linear` holding the shared
   matrix, so the state dict holds the matrix once and safetensors can save it.
-- `lm_head` has no bias, so the weights map one-to-one onto a GPT-2 checkpoint (a BERT-style export
-  can write a zero bias).
+- Two BERT parts are switches, on in the `text_encoder` preset and off in `text_decoder`, so that each
+  preset maps exactly onto a Hugging Face architecture (`selfsup.export.hf`): `embed_norm`, a
+  LayerNorm on token + position embeddings (BERT, RoBERTa); and `lm_transform`, BERT's MLM
+  prediction-head transform (dense -> GELU -> LayerNorm) before the vocabulary projection, with a
+  per-token output bias. The encoder preset is then RoBERTa-PreLayerNorm (Liu et al. 2019 with
+  pre-norm blocks) and the decoder preset is GPT-2. Neither part is used by `embed`.
 - The Encoder contract's `mask` (positions to replace by a learned mask token, as the ViT does) is
   not supported: MLM replaces tokens by the tokenizer's [MASK] id in `input_ids`, as BERT does, so a
   mask token embedding would duplicate the vocabulary's. Passing one is an error, not a no-op.
@@ -54,6 +58,8 @@ class TextTransformerConfig:
     causal: bool = False  # True = each token sees only itself and earlier tokens (a decoder, for next-token prediction)
     pool: str = "mean"  # what embed() returns: "mean" of the real tokens, "cls" = the first token, "last" = the last real token
     tie_embeddings: bool = True  # lm_head reuses the input token embedding matrix (as BERT and GPT-2 do)
+    embed_norm: bool = False  # LayerNorm on token + position embeddings before the blocks (BERT, RoBERTa)
+    lm_transform: bool = False  # BERT's MLM head: dense -> GELU -> LayerNorm, then the vocabulary projection + bias
 
     def __post_init__(self) -> None:
         for key in ("dim", "depth", "heads"):
@@ -73,7 +79,7 @@ class TextTransformerConfig:
             raise SelfsupError(f"encoder config key 'positions' must be one of {list(POSITIONS)}, got {self.positions!r}")
         if self.pool not in POOLS:
             raise SelfsupError(f"encoder config key 'pool' must be one of {list(POOLS)}, got {self.pool!r}")
-        for key in ("causal", "tie_embeddings"):
+        for key in ("causal", "tie_embeddings", "embed_norm", "lm_transform"):
             if not isinstance(getattr(self, key), bool):
                 raise SelfsupError(f"encoder config key '{key}' must be true or false, got {getattr(self, key)!r}")
 
@@ -95,11 +101,17 @@ class TextTransformer(nn.Module):
         self.rotary: RotaryEmbedding | None = (
             RotaryEmbedding(cfg.dim // cfg.heads) if cfg.positions == "rotary" else None
         )
+        self.embed_norm: nn.LayerNorm | None = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.lm_weight: nn.Parameter | None = (
             None if cfg.tie_embeddings else nn.Parameter(torch.empty(vocab_size, cfg.dim))
         )
+        self.lm_transform: nn.Sequential | None = None
+        self.lm_bias: nn.Parameter | None = None
+        if cfg.lm_transform:
+            self.lm_transform = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim, eps=1e-6))
+            self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -126,7 +138,9 @@ class TextTransformer(nn.Module):
         Apply it to the selected positions only where possible: at vocab 8192 the logits cost more
         than a block, and MLM needs them at 15 % of the tokens.
         """
-        return F.linear(hidden, self.output_embedding())
+        if self.lm_transform is not None:
+            hidden = self.lm_transform(hidden)
+        return F.linear(hidden, self.output_embedding(), self.lm_bias)
 
     def forward(
         self, input_ids: Tensor, mask: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -156,6 +170,8 @@ class TextTransformer(nn.Module):
         x = self.token_embed(input_ids)  # [B, L, D]
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         rotary = self.rotary(positions) if self.rotary is not None else None
         attn_mask = self._attention_mask(attention_mask, B, L, input_ids.device)  # [B, 1, L, L] or None
         # Without an explicit mask the kernel applies causality itself (SDPA's is_causal fast path).

@@ -13,16 +13,32 @@ from torch import nn
 
 from selfsup.config import from_dict, nearest
 from selfsup.errors import SelfsupError
-from selfsup.methods import byol, dino, simclr
+from selfsup.methods import byol, dino, mlm, next_token, simclr
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     config: type  # the method's Config dataclass
     cls: type[nn.Module]  # the method module: __init__(cfg, encoder), forward(batch, progress) -> dict
-    inputs: Literal["views"]  # what the batch must carry: "views" = augmented views of each image
+    # What the batch must carry: "views" = augmented views of each image; "tokens" = packed token
+    # blocks (input_ids, token_mask, document_ids, optional attention_mask/position_ids, generator).
+    inputs: Literal["views", "tokens"]
     summary: str  # one line for `--help`
     views: dict[str, Any] = field(default_factory=dict)  # the method's view recipe: defaults under the user's `views:`
+    encoder: str = "resnet18"  # the encoder used when the config names none
+    tokenizer: str | None = None  # token methods: the tokenizer kind trained for them ("wordpiece" / "bpe")
+    causal: bool | None = None  # token methods: whether the encoder must be causal (None = no requirement)
+    # Method config keys the run fills from its tokenizer unless the user set them (e.g. MLM's mask_id).
+    tokenizer_fields: tuple[str, ...] = ()
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.inputs == "views" else "text"
+
+    @property
+    def default_source(self) -> str:
+        """The built-in dataset a run uses when `data.source` is not given."""
+        return "mnist" if self.inputs == "views" else "manpages"
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -32,6 +48,11 @@ METHODS: dict[str, MethodSpec] = {
     "dino": MethodSpec(dino.Config, dino.DINO, "views", "DINO (Caron et al. 2021): self-distillation from an EMA teacher over multi-crops",
                        views={"crop_scale": [0.4, 1.0], "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2],
                               "num_local": 6, "local_crop_scale": [0.05, 0.4]}),
+    "mlm": MethodSpec(mlm.Config, mlm.MLM, "tokens", "BERT masked-LM (Devlin et al. 2018): predict 15 % masked tokens (80/10/10)",
+                      encoder="text_encoder", tokenizer="wordpiece", causal=False, tokenizer_fields=("mask_id", "special_ids")),
+    "next_token": MethodSpec(next_token.Config, next_token.NextToken, "tokens",
+                             "GPT next-token prediction (Radford et al. 2018): shifted cross-entropy with a causal decoder",
+                             encoder="text_decoder", tokenizer="bpe", causal=True),
 }
 
 

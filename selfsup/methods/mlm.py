@@ -29,7 +29,8 @@ class Config:
     mask_prob: float = 0.15  # fraction of non-special tokens selected for prediction
     mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_token_frac: float = 0.1  # of the selected: replaced by a random token (the rest stay unchanged)
-    mask_id: int = 4  # id of [MASK] (selfsup's WordPiece tokenizer: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4)
+    # A pretraining run sets the two below from its tokenizer; the defaults are selfsup's WordPiece ids.
+    mask_id: int = 4  # id of [MASK] ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4)
     special_ids: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # never selected, never drawn as random tokens
 
 

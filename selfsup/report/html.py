@@ -29,7 +29,8 @@ def _curves(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     figures = []
-    for key, title in (("loss", "training loss"), ("knn_acc", "kNN accuracy on the held-out split"), ("lr", "learning rate")):
+    for key, title in (("loss", "training loss"), ("knn_acc", "kNN accuracy on the held-out split"),
+                       ("heldout_loss", "held-out loss"), ("lr", "learning rate")):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if not points:
             continue

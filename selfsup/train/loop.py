@@ -100,7 +100,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         stop_after: int | None = None) -> FitResult:
     """Trains `method` for `cfg.steps` optimizer steps, writing metrics and checkpoints under `run_dir`.
 
-    `monitor(method)` (rank 0, eval mode, no grad) returns extra metrics every `cfg.knn_every` steps
+    `monitor(method)` (rank 0, eval mode, no grad) returns extra metrics every `cfg.eval_every` steps
     and at the end. `stop_after` ends the call after that many total steps as if the process had
     died there (tests use it to simulate a crash).
     """
@@ -159,9 +159,11 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
 
                 sums: dict[str, Tensor] = {}
                 nonfinite_ids: list[Any] = []
+                num_tokens = 0  # text batches: real tokens this step on this rank
                 for micro in range(cfg.accum_steps):
                     indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
                     batch = batches(indices, generator)
+                    num_tokens += batch.get("num_tokens", 0)
                     batch["diagnose"] = bool(cfg.diagnostics_every) and (step == 1 or step % cfg.diagnostics_every == 0)
                     sync = micro == cfg.accum_steps - 1 or world_size == 1
                     with (nullcontext() if sync else model.no_sync()), runtime.autocast():
@@ -205,9 +207,12 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                        "lr": lr, "grad_norm": float(grad_norm)}
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                row["samples_per_s"] = cfg.batch_size / (time.perf_counter() - tic)
+                seconds = time.perf_counter() - tic
+                row["samples_per_s"] = cfg.batch_size / seconds
+                if num_tokens:  # this rank's tokens; ranks see equal shares of full blocks
+                    row["tokens_per_s"] = num_tokens * world_size / seconds
                 if monitor is not None and runtime.is_main and (
-                    step == cfg.steps or (cfg.knn_every and step % cfg.knn_every == 0)
+                    step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
                 ):
                     row.update(_run_monitor(monitor, method))
                 if metrics is not None:

@@ -1,14 +1,21 @@
-"""`selfsup pretrain`: assembles data, views, encoder and method from a RunConfig and runs the loop.
+"""`selfsup pretrain`: assembles data, encoder and method from a RunConfig and runs the loop.
+
+Each modality assembles its own part — images: splits, channel statistics, batched views, the kNN
+monitor; text: splits, the run's tokenizer, packed blocks, the held-out perplexity monitor — and the
+rest (encoder, method, loop, export) is shared.
 
 The run directory is the unit users handle: `config.yaml` (resolved), `metrics.jsonl`,
-`checkpoints/step-N/`, and at the end `encoder.safetensors` + `encoder.json` and `report.html`.
+`checkpoints/step-N/`, `tokenizer.json` (text), and at the end `encoder.safetensors` +
+`encoder.json` and `report.html`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,27 +26,44 @@ from torch import nn
 from selfsup.adapt.probes import extract_features, knn_accuracy
 from selfsup.config import RunConfig, dump_config, from_dict, load_config, to_dict
 from selfsup.data.images import ImageSet, load_image_source, split_holdout
-from selfsup.data.pipeline import ImageBatches, channel_stats
+from selfsup.data.packing import PackedBlocks, pack_documents
+from selfsup.data.pipeline import ImageBatches, TextBatches, channel_stats
+from selfsup.data.text import TextSet, load_text_source, split_holdout_text
+from selfsup.data.tokenizer import TextTokenizer, load_or_train_tokenizer
 from selfsup.data.views import ImageViews, ViewsConfig, normalise
 from selfsup.encoders import build_encoder, describe_encoder
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import save_encoder
-from selfsup.methods import build_method
-from selfsup.train.loop import FitResult, fit
+from selfsup.methods import build_method, method_spec
+from selfsup.train.loop import Batches, FitResult, fit
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
 
 CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"  # text runs: the tokenizer the weights were trained with
 
 
 @dataclass
 class PretrainResult:
     run_dir: Path
     fit: FitResult
-    train: ImageSet  # the split that was pretrained on
-    holdout: ImageSet  # the split kept for probes
-    preprocess: dict[str, Any]  # image_size, channels, mean, std
+    train: ImageSet | TextSet  # the split that was pretrained on
+    holdout: ImageSet | TextSet  # the split kept for probes
+    preprocess: dict[str, Any]  # images: image_size, channels, mean, std; text: tokenizer file, seq_len
+
+
+@dataclass
+class _Assembly:
+    """What a modality hands the shared part of `pretrain`."""
+
+    train: ImageSet | TextSet
+    holdout: ImageSet | TextSet
+    batches: Batches
+    encoder_inputs: dict[str, int]  # in_channels + image_size, or vocab_size + max_len
+    preprocess: dict[str, Any]  # written to encoder.json: how inputs must be prepared
+    method_section: dict[str, Any]  # the method config, with fields filled from the tokenizer
+    monitor: Callable[[Runtime], Callable[[nn.Module], dict[str, float]] | None]
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -83,18 +107,26 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def load_splits(cfg: RunConfig, progress: bool = True) -> tuple[ImageSet, ImageSet]:
+def load_splits(cfg: RunConfig, progress: bool = True) -> tuple[ImageSet, ImageSet] | tuple[TextSet, TextSet]:
     """(train, holdout) for the run's data: the same split for pretraining and for probes."""
     d = cfg.data
+    if method_spec(cfg.method["name"]).modality == "text":
+        data = load_text_source(d.source, text_field=d.text_field, label_column=d.label_column,
+                                group_columns=d.group_columns, unit=d.text_unit, errors=d.text_errors,
+                                max_line_chars=d.max_line_chars)
+        return split_holdout_text(data, d.holdout_fraction, cfg.seed)
     data = load_image_source(d.source, d.image_size, d.channels, on_bad=d.on_bad_file, max_bad_fraction=d.max_bad_fraction,
                              label_column=d.label_column, group_columns=d.group_columns, progress=progress)
     return split_holdout(data, d.holdout_fraction, cfg.seed)
 
 
-def build_encoder_from(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """The run's encoder (seeded) and the description that rebuilds it."""
+def build_encoder_from(cfg: RunConfig, **inputs: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's encoder (seeded) and the description that rebuilds it; `inputs` are the text
+    encoder's vocab_size and max_len (image encoders take theirs from the config)."""
     knobs = {k: v for k, v in cfg.encoder.items() if k != "name"}
-    spec = describe_encoder(cfg.encoder["name"], in_channels=cfg.data.channels, image_size=cfg.data.image_size, **knobs)
+    if not inputs:
+        inputs = {"in_channels": cfg.data.channels, "image_size": cfg.data.image_size}
+    spec = describe_encoder(cfg.encoder["name"], **inputs, **knobs)
     torch.manual_seed(cfg.seed)
     return build_encoder(**spec), spec
 
@@ -121,6 +153,103 @@ def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], 
     return monitor
 
 
+def heldout_monitor(holdout: TextBatches, runtime: Runtime, max_blocks: int, batch_size: int, seed: int):
+    """Held-out loss of the method's own objective, its perplexity exp(loss), and the method's
+    accuracy (masked-token or next-token), on the first `max_blocks` held-out blocks.
+
+    The held-out randomness (which tokens MLM masks) comes from a generator seeded the same way at
+    every evaluation, so the curve moves only because the weights do. Batches are weighted by their
+    number of blocks; a partial final block counts as a whole one.
+    """
+    num_blocks = min(holdout.num_items, max_blocks)
+    if num_blocks == 0:
+        return None
+
+    def monitor(method: nn.Module) -> dict[str, float]:
+        generator = torch.Generator(device=runtime.device).manual_seed(seed)
+        sums: dict[str, float] = {}
+        for start in range(0, num_blocks, batch_size):
+            indices = torch.arange(start, min(start + batch_size, num_blocks))
+            with runtime.autocast():
+                out = method(holdout(indices, generator), 1.0)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
+        means = {f"heldout_{key}": value / num_blocks for key, value in sums.items()}
+        means["heldout_ppl"] = math.exp(min(means["heldout_loss"], 50.0))  # capped: a diverged run still logs a number
+        return means
+
+    return monitor
+
+
+def _assemble_images(cfg: RunConfig, runtime: Runtime, show_progress: bool) -> _Assembly:
+    train, holdout = load_splits(cfg, progress=show_progress and runtime.is_main)
+    mean, std = channel_stats(train.images)
+    preprocess = {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "mean": mean, "std": std}
+    views = ImageViews(from_dict(ViewsConfig, cfg.views, prefix="views."), cfg.data.image_size, mean, std)
+    return _Assembly(
+        train, holdout, ImageBatches(train, views, runtime.device),
+        {"in_channels": cfg.data.channels, "image_size": cfg.data.image_size}, preprocess, dict(cfg.method),
+        lambda rt: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k, cfg.seed),
+    )
+
+
+def run_tokenizer(cfg: RunConfig, out: Path, train: TextSet, runtime: Runtime) -> TextTokenizer:
+    """The run's tokenizer.json: kept from an earlier start of this run (resume), else copied from
+    `tokenizer.path`, else trained on the training split. Rank 0 writes it; the others read it."""
+    kind = method_spec(cfg.method["name"]).tokenizer
+    assert kind is not None
+    path = out / TOKENIZER_FILE
+    tokenizer = None
+    if runtime.is_main:
+        if not path.exists() and cfg.tokenizer.path is not None:
+            given = TextTokenizer.load(Path(cfg.tokenizer.path))
+            if given.kind != kind:
+                raise SelfsupError(f"{cfg.tokenizer.path}: a {given.kind} tokenizer, but method `{cfg.method['name']}` "
+                                   f"needs {kind}; train one with `selfsup tokenizer train --kind {kind}`")
+            given.save(path)
+        elif not path.exists():
+            log.info("training a %s tokenizer (vocab %d) on %d documents", kind, cfg.tokenizer.vocab_size, len(train))
+        tokenizer = load_or_train_tokenizer(path, lambda: train.texts, kind, cfg.tokenizer.vocab_size,
+                                            cfg.tokenizer.min_frequency)
+    runtime.barrier()
+    return tokenizer if tokenizer is not None else TextTokenizer.load(path)
+
+
+def pack_split(data: TextSet, tokenizer: TextTokenizer, seq_len: int, *, drop_last: bool) -> PackedBlocks:
+    """The split's documents tokenized, wrapped with the tokenizer's bounds and packed into blocks."""
+    bos, eos = tokenizer.packing_bounds
+    return pack_documents(tokenizer.encode_batch(data.texts), seq_len, bos_id=bos, eos_id=eos,
+                          pad_id=tokenizer.pad_id, drop_last=drop_last)
+
+
+def _assemble_text(cfg: RunConfig, out: Path, runtime: Runtime) -> _Assembly:
+    d = cfg.data
+    train, holdout = load_splits(cfg)
+    tokenizer = run_tokenizer(cfg, out, train, runtime)
+    # Training blocks are all full (the tail is dropped, so no step pays for padding); held-out
+    # blocks keep the tail, padded.
+    train_blocks = pack_split(train, tokenizer, d.seq_len, drop_last=True)
+    if train_blocks.num_blocks == 0:
+        raise SelfsupError(f"{train.source}: the training split holds fewer than data.seq_len={d.seq_len} tokens; "
+                           "add documents or lower data.seq_len")
+    holdout_blocks = pack_split(holdout, tokenizer, d.seq_len, drop_last=False)
+    log.info("text: %d training blocks of %d tokens (%d documents), %d held-out blocks; vocabulary %d",
+             train_blocks.num_blocks, d.seq_len, len(train), holdout_blocks.num_blocks, tokenizer.vocab_size)
+    spec = method_spec(cfg.method["name"])
+    section = dict(cfg.method)
+    filled = {"mask_id": tokenizer.mask_id, "special_ids": sorted(tokenizer.special_ids)}
+    for key in spec.tokenizer_fields:
+        section.setdefault(key, filled[key])
+    preprocess = {"modality": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind, "seq_len": d.seq_len}
+    batches = TextBatches(train_blocks, train.ids, runtime.device, d.document_masks)
+    heldout = TextBatches(holdout_blocks, holdout.ids, runtime.device, d.document_masks)
+    micro_batch = max(1, cfg.train.batch_size // (cfg.train.accum_steps * runtime.world_size))
+    return _Assembly(
+        train, holdout, batches, {"vocab_size": tokenizer.vocab_size, "max_len": d.seq_len}, preprocess, section,
+        lambda rt: heldout_monitor(heldout, rt, cfg.train.eval_max_blocks, micro_batch, cfg.seed),
+    )
+
+
 def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrite: bool = False,
              stop_after: int | None = None, show_progress: bool = True) -> PretrainResult:
     """Runs (or resumes) a pretraining run into `out`; returns what the caller needs for probes."""
@@ -139,21 +268,20 @@ def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrit
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(dump_config(cfg))
 
-    train, holdout = load_splits(cfg, progress=show_progress and runtime.is_main)
-    mean, std = channel_stats(train.images)
-    preprocess = {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "mean": mean, "std": std}
-    views = ImageViews(from_dict(ViewsConfig, cfg.views, prefix="views."), cfg.data.image_size, mean, std)
-    encoder, encoder_spec = build_encoder_from(cfg)
-    method = build_method(cfg.method, encoder)
-    log.info("pretraining %s on %s: %d images (%d held out), encoder %s (%.2fM parameters), %s on %s x%d",
-             cfg.method["name"], train.source, len(train), len(holdout), cfg.encoder["name"],
+    if method_spec(cfg.method["name"]).modality == "text":
+        parts = _assemble_text(cfg, out, runtime)
+    else:
+        parts = _assemble_images(cfg, runtime, show_progress)
+    encoder, encoder_spec = build_encoder_from(cfg, **parts.encoder_inputs)
+    method = build_method(parts.method_section, encoder)
+    log.info("pretraining %s on %s: %d %s (%d held out), encoder %s (%.2fM parameters), %s on %s x%d",
+             cfg.method["name"], parts.train.source, len(parts.train),
+             "documents" if isinstance(parts.train, TextSet) else "images", len(parts.holdout), cfg.encoder["name"],
              sum(p.numel() for p in encoder.parameters()) / 1e6, runtime.precision, runtime.device, runtime.world_size)
-    monitor = knn_monitor(train, holdout, preprocess, runtime, cfg.train.knn_max_bank, cfg.probe.knn_k, cfg.seed)
-    result = fit(method, ImageBatches(train, views, runtime.device), cfg.train, out, runtime, seed=cfg.seed,
-                 resume=resume, monitor=monitor, stop_after=stop_after)
+    result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
+                 monitor=parts.monitor(runtime), stop_after=stop_after)
     if runtime.is_main and result.steps == cfg.train.steps:
-        save_encoder(out, method.encoder, {"encoder": encoder_spec, "preprocess": preprocess, "method": cfg.method,
-                                           "steps": result.steps, "data": train.source})
+        save_encoder(out, method.encoder, {"encoder": encoder_spec, "preprocess": parts.preprocess, "method": cfg.method,
+                                           "steps": result.steps, "data": parts.train.source})
     runtime.barrier()
-    return PretrainResult(out, result, train, holdout, preprocess)
-
+    return PretrainResult(out, result, parts.train, parts.holdout, parts.preprocess)

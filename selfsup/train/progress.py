@@ -73,7 +73,7 @@ class Progress:
     def update(self, step: int, row: dict[str, Any], warning: str | None = None) -> None:
         if not self.enabled:
             return
-        shown = {k: row[k] for k in ("loss", "lr", "samples_per_s", "knn_acc") if k in row}
+        shown = {k: row[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "knn_acc", "heldout_ppl") if k in row}
         info = "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         if warning:
             info += f"  [red]{warning}"

@@ -73,3 +73,19 @@ def test_dino_centre_is_all_reduced(tmp_path):
         method({"views": views}, 0.5)
     method.after_optimizer_step(0.5)
     torch.testing.assert_close(centres[0], method.center, rtol=1e-5, atol=1e-6)
+
+
+def test_text_pretrain_under_torchrun(tmp_path):
+    """Rank 0 trains and saves the tokenizer, rank 1 reads it; both train on their shard of the blocks."""
+    from tests.train.test_pretrain_text import text_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    out = tmp_path / "run"
+    proc = _torchrun("-m", "selfsup.cli", "pretrain", *text_overrides(corpus, "mlm", **{"train.steps": 3}),
+                     "--out", str(out))
+    assert proc.returncode == 0, _failure(proc)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "heldout_loss" in rows[-1]
+    # Two ranks of 4 blocks of 16 tokens each: the logged rate counts both ranks' tokens.
+    assert all(r["tokens_per_s"] > r["samples_per_s"] for r in rows)
+    assert (out / "tokenizer.json").is_file() and (out / "encoder.safetensors").is_file()

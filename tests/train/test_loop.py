@@ -54,7 +54,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_bit_identical(tmp_path, precision):
     runtime = Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-    cfg = tiny_train_config(steps=8, knn_every=2)
+    cfg = tiny_train_config(steps=8, eval_every=2)
     _, reference = _simclr_run(tmp_path / "whole", cfg, runtime=runtime)
     expected = _rows(tmp_path / "whole")
     assert len(expected) == 8 and "knn_acc" in expected[1]

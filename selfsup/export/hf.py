@@ -1,0 +1,321 @@
+"""Hugging Face export of a text run: a folder `transformers` loads with `from_pretrained`.
+
+`selfsup export --format hf` turns a text run directory (`encoder.safetensors` + `encoder.json` +
+`tokenizer.json`) into `config.json`, `model.safetensors`, `tokenizer.json` and
+`tokenizer_config.json`, loadable with `AutoModelForMaskedLM` / `AutoModelForCausalLM` and
+`AutoTokenizer`, with no selfsup code and no `trust_remote_code`. Rather than a custom architecture,
+each preset maps weight for weight onto an architecture `transformers` already ships, so every tool
+built on it (pipelines, PEFT, TGI, ONNX export, ...) works on our models unchanged:
+
+| selfsup `TextTransformer` config                          | Hugging Face model (model_type)                        |
+|-----------------------------------------------------------|--------------------------------------------------------|
+| `text_decoder`: causal, learned positions, no embed_norm,  | `GPT2LMHeadModel` ("gpt2")                             |
+|   no lm_transform                                          |                                                        |
+| `text_encoder`: bidirectional, learned positions,          | `RobertaPreLayerNormForMaskedLM`                       |
+|   embed_norm, lm_transform                                 |   ("roberta-prelayernorm")                             |
+
+Why these two: both are pre-norm (`x + attn(ln(x))`, `x + mlp(ln(x))`, a final LayerNorm), use
+learned absolute positions added to the token embeddings and an exact-GELU MLP with biases, as our
+blocks do. GPT-2 has no embedding LayerNorm and a bias-free LM head tied to `wte` (our decoder
+preset); RoBERTa-PreLayerNorm has an embedding LayerNorm and BERT's dense -> GELU -> LayerNorm ->
+vocabulary projection + bias head (our encoder preset). Per weight:
+
+- GPT-2: `token_embed` -> `wte`, `pos_embed` -> `wpe`, block i -> `h.i` (`norm1` -> `ln_1`,
+  `attn.qkv` -> `attn.c_attn`, `attn.proj` -> `attn.c_proj`, `norm2` -> `ln_2`, `mlp.0` ->
+  `mlp.c_fc`, `mlp.2` -> `mlp.c_proj`), `norm` -> `ln_f`, `lm_weight` -> `lm_head` when untied.
+  GPT-2's `Conv1D` stores weights as [in, out], so every linear weight is transposed. Its fused
+  c_attn splits its output as [q | k | v], each then cut into heads, exactly as our `attn.qkv`.
+- RoBERTa-PreLayerNorm: `token_embed` -> `embeddings.word_embeddings`, `pos_embed` ->
+  `embeddings.position_embeddings` (shifted, see below), `embed_norm` -> `embeddings.LayerNorm`,
+  block i -> `encoder.layer.i` (`norm1` -> `attention.LayerNorm`, `attn.qkv` split into
+  `attention.self.{query,key,value}`, `attn.proj` -> `attention.output.dense`, `norm2` ->
+  `intermediate.LayerNorm`, `mlp.0` -> `intermediate.dense`, `mlp.2` -> `output.dense`), `norm` ->
+  the model's final `LayerNorm`, `lm_transform` -> `lm_head.{dense,layer_norm}`, `lm_bias` ->
+  `lm_head.bias` and `lm_head.decoder.bias`, `lm_weight` -> `lm_head.decoder.weight` when untied.
+
+Where `transformers` differs, and how the export compensates (read from transformers 5.x source):
+- RoBERTa numbers positions from the input ids: a real token's position is padding_idx + 1 + (its
+  index among the non-pad tokens) and a pad token's is padding_idx. Our position p is therefore
+  written at row pad_id + 1 + p, rows 0..pad_id are zero, and max_position_embeddings = max_len +
+  pad_id + 1. Real tokens of right-padded batches see exactly our positions. (With left padding
+  RoBERTa still starts real tokens at our position 0, where selfsup would count the pads; a pad id
+  inside the text would also shift later positions, which our tokenizers never produce.)
+- RoBERTa adds token-type (segment) embeddings; ours has none, so the table is zero. It has two rows
+  (type_vocab_size=2, not RoBERTa's 1) because the exported WordPiece tokenizer marks a pair's
+  second segment with type id 1 (returned on `return_token_type_ids=True`), which would index past
+  a one-row table.
+- RoBERTa ties `lm_head.decoder.bias` to `lm_head.bias` only while `tie_word_embeddings` is set
+  (transformers drops every tie otherwise), so both keys are written.
+- GPT-2's default activation is the tanh approximation ("gelu_new"); ours is exact ("gelu"), and the
+  LayerNorm eps defaults differ (1e-5, 1e-12) from ours (1e-6): all are set explicitly. Dropouts
+  are zero, as in selfsup; a fine-tuner may raise them in config.json.
+- The RoBERTa LM head applies exact GELU whatever `hidden_act` says; ours is exact too.
+
+Tokenizer: `tokenizer.json` is copied (for WordPiece with a `[CLS] $A [SEP]` / `[CLS] $A [SEP] $B
+[SEP]` post-processor added, as BERT users expect from `tokenizer(text)`; byte-level BPE adds
+nothing, as GPT-2) and `tokenizer_config.json` names the special tokens and `model_max_length`.
+One behaviour differs on purpose: selfsup encodes special-token strings found in the text as plain
+text, while `transformers` recognises them (so `fill-mask` finds "[MASK]"); pass
+`split_special_tokens=True` to the tokenizer for selfsup's behaviour.
+
+Limits: only these two layouts map. Rotary positions, a causal model with embed_norm or
+lm_transform, a bidirectional model without them (or with only one), and non-text encoders raise a
+`SelfsupError` naming the config keys at fault; the run's `encoder.safetensors` + `encoder.json`
+remain the way to use those. Sequences are limited to max_len tokens, as in selfsup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, processors
+from torch import Tensor
+
+from selfsup.data.tokenizer import TextTokenizer
+from selfsup.encoders.text import TextTransformer
+from selfsup.errors import SelfsupError
+from selfsup.export.encoder import META, WEIGHTS, load_encoder
+
+# The two layouts that map onto a Hugging Face architecture: the config values each one requires.
+_GPT2_LAYOUT: dict[str, Any] = {"positions": "learned", "causal": True, "embed_norm": False, "lm_transform": False}
+_ROBERTA_LAYOUT: dict[str, Any] = {"positions": "learned", "causal": False, "embed_norm": True, "lm_transform": True}
+
+
+def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Writes a folder that transformers.AutoModelForMaskedLM / AutoModelForCausalLM.from_pretrained
+    loads (and AutoTokenizer.from_pretrained), from the text run in `run_dir`; returns `out`.
+
+    The folder is written next to `out` under a temporary name and renamed into place, so a crash
+    never leaves a half export. An existing non-empty `out` is replaced only with `overwrite`.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    for name in (META, WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise SelfsupError(f"{run_dir / name}: not found; is {run_dir} a finished selfsup run directory?")
+    encoder, meta = load_encoder(run_dir)
+    preprocess = meta.get("preprocess", {})
+    if preprocess.get("modality") != "text" or not isinstance(encoder, TextTransformer):
+        raise SelfsupError(
+            f"{run_dir / META}: encoder '{meta.get('encoder', {}).get('name')}' is not a text transformer "
+            f"(modality {preprocess.get('modality')!r}); only text runs export to Hugging Face (--format hf), "
+            "use its encoder.safetensors + encoder.json with selfsup (selfsup.export.encoder.load_encoder)"
+        )
+    architecture = _architecture(encoder, run_dir / META)
+    tokenizer_path = run_dir / str(preprocess.get("tokenizer") or "tokenizer.json")
+    if not tokenizer_path.is_file():
+        raise SelfsupError(
+            f"{tokenizer_path}: not found; a Hugging Face export ships the tokenizer the run trained with "
+            f"(named in {run_dir / META} under preprocess.tokenizer); copy it back into the run directory"
+        )
+    tokenizer = TextTokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size > encoder.vocab_size:
+        raise SelfsupError(
+            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the encoder in {run_dir / WEIGHTS} only "
+            f"{encoder.vocab_size} embedding rows; this tokenizer does not belong to this run"
+        )
+    if out.exists() and not out.is_dir():
+        raise SelfsupError(f"{out}: exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SelfsupError(
+            f"{out}: exists and is not empty; replace it with overwrite (--overwrite), or choose another path"
+        )
+
+    try:
+        import transformers
+    except ImportError:
+        raise SelfsupError(
+            "the Hugging Face export needs the optional dependency transformers: pip install 'selfsup[hf]'"
+        ) from None
+
+    if architecture == "gpt2":
+        config, state = _gpt2(transformers, encoder, tokenizer)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config, state = _roberta_prelayernorm(transformers, encoder, tokenizer)
+        model = transformers.RobertaPreLayerNormForMaskedLM(config)
+    expected = set(model.state_dict())
+    assert set(state) == expected, f"mapping mismatch: {sorted(set(state) ^ expected)[:8]}"
+    model.load_state_dict(state, strict=True)
+    model.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # one small file: a "Writing shards" bar is noise
+    try:
+        model.save_pretrained(tmp)
+        _write_tokenizer(tmp, tokenizer_path, tokenizer, encoder.max_len)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
+    return out
+
+
+def _architecture(encoder: TextTransformer, meta_path: Path) -> str:
+    """"gpt2" or "roberta-prelayernorm" for a config that maps exactly, else an error naming the keys."""
+    cfg = encoder.cfg
+    values = {key: getattr(cfg, key) for key in _GPT2_LAYOUT}
+    if values == _GPT2_LAYOUT:
+        return "gpt2"
+    if values == _ROBERTA_LAYOUT:
+        return "roberta-prelayernorm"
+    # Name the keys that stand between this config and the nearest layout (the one with its `causal`).
+    target = _GPT2_LAYOUT if cfg.causal else _ROBERTA_LAYOUT
+    wrong = {key: values[key] for key in target if values[key] != target[key]}
+    need = ", ".join(f"{key}={value!r}" for key, value in target.items() if key in wrong)
+    reason = (
+        " (GPT-2 and RoBERTa-PreLayerNorm add learned position vectors to the embeddings; rotary positions "
+        "turn q and k inside attention instead)"
+        if "positions" in wrong else ""
+    )
+    preset = "text_decoder (GPT-2)" if cfg.causal else "text_encoder (RoBERTa-PreLayerNorm)"
+    raise SelfsupError(
+        f"{meta_path}: encoder config {', '.join(f'{k}={v!r}' for k, v in wrong.items())} has no Hugging Face "
+        f"equivalent{reason}; a {'causal' if cfg.causal else 'bidirectional'} model exports when it has {need}, "
+        f"as the {preset} preset does. Use the run's encoder.safetensors + encoder.json with selfsup "
+        "(selfsup.export.encoder.load_encoder) instead, or pretrain with the preset's settings"
+    )
+
+
+def _special_ids(tokenizer: TextTokenizer) -> dict[str, int | None]:
+    """pad/bos/eos ids for the model config: [CLS]/[SEP] for WordPiece, <|endoftext|> for both in BPE (GPT-2)."""
+    if tokenizer.kind == "wordpiece":
+        return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.cls_id, "eos_token_id": tokenizer.sep_id}
+    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
+
+
+def _gpt2(transformers: Any, encoder: TextTransformer, tokenizer: TextTokenizer) -> tuple[Any, dict[str, Tensor]]:
+    """GPT2Config and the GPT2LMHeadModel state dict of a causal, learned-position encoder."""
+    cfg = encoder.cfg
+    assert encoder.pos_embed is not None
+    hidden = encoder.blocks[0].mlp[0].out_features
+    config = transformers.GPT2Config(
+        vocab_size=encoder.vocab_size, n_positions=encoder.max_len, n_embd=cfg.dim, n_layer=cfg.depth,
+        n_head=cfg.heads, n_inner=hidden,
+        activation_function="gelu",  # exact erf GELU as nn.GELU(); GPT-2's default "gelu_new" is the tanh fit
+        layer_norm_epsilon=1e-6, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+        tie_word_embeddings=cfg.tie_embeddings, **_special_ids(tokenizer),
+    )
+    config.architectures = ["GPT2LMHeadModel"]
+    src = {key: value.detach().clone() for key, value in encoder.state_dict().items()}
+    state: dict[str, Tensor] = {
+        "transformer.wte.weight": src["token_embed.weight"],
+        "transformer.wpe.weight": src["pos_embed.weight"],
+        "transformer.ln_f.weight": src["norm.weight"],
+        "transformer.ln_f.bias": src["norm.bias"],
+        # Tied: the same matrix under both names (load_state_dict fills one shared parameter).
+        "lm_head.weight": src["token_embed.weight"] if cfg.tie_embeddings else src["lm_weight"],
+    }
+    for i in range(cfg.depth):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
+            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+        # Conv1D computes x @ W + b with W stored [in, out]: the transpose of nn.Linear's [out, in].
+        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.0", "mlp.c_fc"),
+                     ("mlp.2", "mlp.c_proj")):
+            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"].t().contiguous()
+            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+    return config, state
+
+
+def _roberta_prelayernorm(
+    transformers: Any, encoder: TextTransformer, tokenizer: TextTokenizer,
+) -> tuple[Any, dict[str, Tensor]]:
+    """RobertaPreLayerNormConfig and the ...ForMaskedLM state dict of a bidirectional BERT-style encoder."""
+    cfg = encoder.cfg
+    D, L, pad = cfg.dim, encoder.max_len, tokenizer.pad_id
+    hidden = encoder.blocks[0].mlp[0].out_features
+    config = transformers.RobertaPreLayerNormConfig(
+        vocab_size=encoder.vocab_size, hidden_size=D, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+        intermediate_size=hidden, hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        # RoBERTa's positions start at pad_id + 1 (module docstring); the rows below stay zero.
+        max_position_embeddings=L + pad + 1, type_vocab_size=2, layer_norm_eps=1e-6,
+        tie_word_embeddings=cfg.tie_embeddings, **_special_ids(tokenizer),
+    )
+    config.architectures = ["RobertaPreLayerNormForMaskedLM"]
+    src = {key: value.detach().clone() for key, value in encoder.state_dict().items()}
+    positions = src["pos_embed.weight"].new_zeros(L + pad + 1, D)  # [L + pad + 1, D]
+    positions[pad + 1:] = src["pos_embed.weight"]
+    p, e = "roberta_prelayernorm.", "roberta_prelayernorm.embeddings."
+    output = src["token_embed.weight"] if cfg.tie_embeddings else src["lm_weight"]
+    state: dict[str, Tensor] = {
+        f"{e}word_embeddings.weight": src["token_embed.weight"],
+        f"{e}position_embeddings.weight": positions,
+        f"{e}token_type_embeddings.weight": src["token_embed.weight"].new_zeros(2, D),  # no segments in selfsup
+        f"{e}LayerNorm.weight": src["embed_norm.weight"],
+        f"{e}LayerNorm.bias": src["embed_norm.bias"],
+        f"{p}LayerNorm.weight": src["norm.weight"],
+        f"{p}LayerNorm.bias": src["norm.bias"],
+        "lm_head.dense.weight": src["lm_transform.0.weight"],
+        "lm_head.dense.bias": src["lm_transform.0.bias"],
+        "lm_head.layer_norm.weight": src["lm_transform.2.weight"],
+        "lm_head.layer_norm.bias": src["lm_transform.2.bias"],
+        "lm_head.decoder.weight": output,
+        # Both names: transformers ties them only while tie_word_embeddings is set.
+        "lm_head.decoder.bias": src["lm_bias"],
+        "lm_head.bias": src["lm_bias"],
+    }
+    for i in range(cfg.depth):
+        ours, theirs = f"blocks.{i}.", f"{p}encoder.layer.{i}."
+        q_w, k_w, v_w = src[f"{ours}attn.qkv.weight"].split(D)  # each [D, D]: the fused output is [q | k | v]
+        q_b, k_b, v_b = src[f"{ours}attn.qkv.bias"].split(D)
+        for name, w, b in (("query", q_w, q_b), ("key", k_w, k_b), ("value", v_w, v_b)):
+            state[f"{theirs}attention.self.{name}.weight"] = w.contiguous()
+            state[f"{theirs}attention.self.{name}.bias"] = b.contiguous()
+        for a, b in (("norm1", "attention.LayerNorm"), ("attn.proj", "attention.output.dense"),
+                     ("norm2", "intermediate.LayerNorm"), ("mlp.0", "intermediate.dense"), ("mlp.2", "output.dense")):
+            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
+            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+    return config, state
+
+
+def _write_tokenizer(folder: Path, tokenizer_path: Path, tokenizer: TextTokenizer, max_len: int) -> None:
+    """tokenizer.json (with BERT's [CLS]/[SEP] template for WordPiece) and tokenizer_config.json into `folder`."""
+    backend = Tokenizer.from_file(str(tokenizer_path))
+    config: dict[str, Any] = {
+        # The generic fast tokenizer runs tokenizer.json as is; GPT2Tokenizer or RobertaTokenizer
+        # (what the model types would pick) rebuild their own pre-tokenizers and prefix spaces.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,  # decode as selfsup does (no " do n't" -> " don't" rewrite)
+    }
+    if tokenizer.kind == "wordpiece":
+        # selfsup wraps each document as [CLS] ... [SEP] when packing (packing_bounds), so the model
+        # was trained on what this template writes.
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id)],
+        )
+        config.update(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:
+        # GPT-2's convention: <|endoftext|> both starts and ends documents; nothing is added on encode.
+        config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
+    backend.save(str(folder / "tokenizer.json"), pretty=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` folder to `out`, moving an existing `out` aside first and deleting it
+    last: `out` never holds a mix of two exports, and a failed rename puts the old one back."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, old / "export")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "export", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
