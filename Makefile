@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
 # Debian packages the "glyphs" built-in renders from (selfsup data prepare glyphs; shared/DATA.md).
-DEB_PACKAGES := fonts-noto-core unicode-data manpages manpages-dev man-db bsdextrautils
+DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages manpages-dev man-db bsdextrautils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean
@@ -62,6 +62,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/threads.py | tee runs/bench.jsonl
 	$(BIN)/python bench/augment.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
+	$(BIN)/python bench/objectives.py | tee -a runs/bench.jsonl
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache

@@ -3,8 +3,10 @@
 `selfsup.train.loop.fit` with `ImageBatches` + `ImageViews` (views made batched, in the loop's
 step), `build_method({"name": METHOD}, build_encoder(ENCODER))`, AdamW, clipping, bf16 autocast or
 fp32 — exactly what `selfsup pretrain` runs, minus the files it writes. The views are the method's
-own recipe (`METHODS[name].views`, e.g. BYOL's asymmetric blur/solarize, DINO's multi-crop) with
-DINO's local crops set to `--n-local` of `--local-size` px so that both sides make the same views.
+own recipe (`METHODS[name].views`, e.g. BYOL's asymmetric blur/solarize, DINO's multi-crop, MAE's
+one crop + flip view without colour jitter) with DINO's local crops set to `--n-local` of
+`--local-size` px so that both sides make the same views. MAE (`--method mae --encoder vit_tiny`)
+draws its 75 % patch mask from the step's generator inside the step, as `selfsup pretrain` does.
 
 Throughput is the median of the loop's per-step samples/s (batch / wall time from drawing the batch
 to the end of the optimizer and EMA step) after `--warmup` steps. With `--features-out`, the trained

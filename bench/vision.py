@@ -20,6 +20,17 @@ schedule) are read from selfsup's own defaults, so the two sides differ in imple
 knobs. DINO uses `--n-local` local crops of 16 px on both sides (selfsup's default is 6; 2 keeps
 the bench short).
 
+MAE (`mae-vit_tiny`): ViT-Tiny at 32 px (patch 4, 192-d, 12 blocks, 3 heads) on both sides, 75 % of
+the patches dropped before the encoder, a decoder of width 128, depth 2, 4 heads (selfsup's MAE
+defaults, handed to lightly's `MAEDecoder`), MSE on the masked patches against the norm-pix target;
+one view per image, random-resized crop (0.2, 1) + flip (selfsup's MAE view recipe; lightly's
+`MAETransform`). lightly's side follows its torchvision MAE example (its current one needs timm).
+Both embed with the encoder's [CLS] token (selfsup's `ViT.embed`; lightly's backbone forward), on
+all 64 patches — evaluation embeds 4x the tokens a training step encodes. Known differences that
+are the libraries' own defaults, kept: selfsup's encoder has learned positions, lightly's
+`MaskedVisionTransformerTorchvision` fixed sine-cosine ones; selfsup's crop is bilinear, lightly's
+bicubic.
+
 Throughput is samples/s (images per second, however many views of each) of the median step after
 `--warmup` steps, a step timed from fetching the batch to the end of the optimizer (and EMA)
 step. `ratio` = selfsup (bf16) / lightly (fp32). OMP_WAIT_POLICY=PASSIVE and `--threads` threads
@@ -48,7 +59,7 @@ BENCH = Path(__file__).resolve().parent
 SELFSUP_SIDE = BENCH / "selfsup_side.py"
 PEER_SIDE = BENCH / "peers" / "lightly_side.py"
 PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
-TASKS = ["simclr-resnet18", "byol-resnet18", "dino-resnet18", "dino-vit_tiny"]
+TASKS = ["simclr-resnet18", "byol-resnet18", "dino-resnet18", "dino-vit_tiny", "mae-vit_tiny"]
 # lightly's DataLoader workers: 0 or 2 were tied here (2 vCPUs; SimCLR and DINO ResNet-18 b256,
 # alternating runs, medians within the +-10 % noise of a shared machine), and 2 workers cost ~600 MB
 # more memory and compete with torch's two threads for the same cores, so the peer runs with 0
@@ -100,6 +111,8 @@ def peer_recipe(method: str, n_local: int, local_size: int) -> dict:
                  "warmup_teacher_temp": "warmup_teacher_temp", "teacher_temp_warmup": "teacher_temp_warmup",
                  "center_momentum": "center_momentum", "freeze_last_layer": "freeze_last_layer",
                  "dino_head_batchnorm": "head_batchnorm"},
+        "mae": {"mask_ratio": "mask_ratio", "decoder_dim": "decoder_dim", "decoder_depth": "decoder_depth",
+                "decoder_heads": "decoder_heads", "norm_pix_loss": "norm_pix_loss"},
     }[method]
     recipe.update({ours: getattr(cfg, theirs) for ours, theirs in names.items() if hasattr(cfg, theirs)})
     if method == "dino":

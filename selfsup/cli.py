@@ -25,7 +25,7 @@ log = logging.getLogger("selfsup")
 EXIT_BAD_INPUT = 2
 
 # Kept equal to selfsup.data.builtin.PREPARABLE (a test checks) so that parsing never imports torch.
-PREPARABLE = ("glyphs", "manpages")
+PREPARABLE = ("glyphs", "emoji", "manpages")
 
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
@@ -131,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List built-in datasets and whether they are available; prepare those that are made once.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
-    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, manpages)",
+    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, emoji, manpages)",
                             description="Render a built-in dataset into the selfsup cache ($SELFSUP_CACHE, default "
                             "~/.cache/selfsup) or --out. glyphs: each code point of the Debian Noto fonts (fonts-noto-core), "
-                            "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. manpages: the English man "
+                            "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. "
+                            "emoji: the fully-qualified emoji of emoji-test.txt (unicode-data) drawn in colour with Noto "
+                            "Color Emoji (fonts-noto-color-emoji), labelled by CLDR group, with `subgroup` and `skin_tone` "
+                            "columns (uses --size). manpages: the English man "
                             "pages of manpages and manpages-dev rendered with man -l | col -bx, labelled by section. Preparing "
                             "again with the same settings and fonts does nothing.")
     p.add_argument("name", choices=PREPARABLE, help="dataset to prepare")

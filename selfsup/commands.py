@@ -145,6 +145,11 @@ def run_data_prepare(args: argparse.Namespace) -> None:
 
         print(prepare_manpages(args.out, force=args.force, progress=True, max_pages=args.max_pages).describe())
         return
+    if args.name == "emoji":
+        from selfsup.data.emoji import prepare_emoji
+
+        print(prepare_emoji(args.out, size=args.size, force=args.force, progress=True).describe())
+        return
     from selfsup.data.glyphs import prepare_glyphs
 
     assert args.name == "glyphs", args.name  # argparse's choices allow nothing else

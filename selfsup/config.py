@@ -319,6 +319,10 @@ def validate(cfg: RunConfig) -> None:
         fitting = sorted(n for n, e in ENCODERS.items() if e.modality == spec.modality)
         raise SelfsupError(f"method `{cfg.method['name']}` trains a {spec.modality} encoder, but `encoder.name={encoder_name}` "
                            f"is a {modality} encoder; use one of {', '.join(fitting)} (default {spec.encoder})")
+    if spec.vit_only and ENCODERS[encoder_name].module_type.__name__ != "ViT":
+        vits = sorted(n for n, e in ENCODERS.items() if e.module_type.__name__ == "ViT")
+        raise SelfsupError(f"method `{cfg.method['name']}` masks ViT patch tokens; `encoder.name={encoder_name}` is not "
+                           f"a ViT: use one of {', '.join(vits)}")
     if spec.causal is not None and getattr(encoder_cfg, "causal", None) != spec.causal:
         need = "causal (each token sees only earlier tokens)" if spec.causal else "bidirectional"
         raise SelfsupError(f"method `{cfg.method['name']}` needs a {need} encoder: set `encoder.causal={str(spec.causal).lower()}` "

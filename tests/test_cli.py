@@ -78,7 +78,8 @@ def test_sigterm_exits_75_with_a_checkpoint(tmp_path):
 
 def test_every_command_has_help():
     parser = build_parser()
-    for command in (["pretrain"], ["probe"], ["demo"], ["data"], ["data", "list"]):
+    for command in (["pretrain"], ["probe"], ["demo"], ["data"], ["data", "list"], ["export"], ["generate"],
+                    ["tokenizer"], ["tokenizer", "train"]):
         with pytest.raises(SystemExit) as info:
             parser.parse_args([*command, "--help"])
         assert info.value.code == 0

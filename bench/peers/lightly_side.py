@@ -10,13 +10,20 @@ What it does, all from lightly's own modules as its examples use them:
   dropped), or torchvision's VisionTransformer (32 px, patch 4, 12 layers, 192-d, 3 heads, MLP 768)
   wrapped in lightly's `MaskedVisionTransformerTorchvision` (its class token is the embedding);
 - data: a torch Dataset over PIL images with lightly's transform (`SimCLRTransform`,
-  `BYOLTransform`, `DINOTransform`), a `DataLoader` with `--workers` worker processes; the
-  transforms are part of every timed step;
+  `BYOLTransform`, `DINOTransform`, `MAETransform`), a `DataLoader` with `--workers` worker
+  processes; the transforms are part of every timed step;
 - heads, losses and helpers: `SimCLRProjectionHead` + `NTXentLoss`; `BYOLProjectionHead`,
   `BYOLPredictionHead`, `NegativeCosineSimilarity`, `update_momentum`, `cosine_schedule`;
   `DINOProjectionHead` + `DINOLoss` (+ `cancel_last_layer_gradients`); `deactivate_requires_grad`
   on the teachers; as in lightly's DINO example the teacher head is a fresh `DINOProjectionHead`
   (not a copy of the student's) and the teacher backbone a deep copy;
+- MAE, as lightly's torchvision MAE example (lightly's current example needs timm, which is not
+  installed here): `MaskedVisionTransformerTorchvision` as the encoder (`encode(idx_keep=...)` runs
+  on the visible patches only) + `masked_autoencoder.MAEDecoder` (torchvision blocks, fixed
+  sine-cosine positions) with the model's own mask token, `utils.random_token_mask` (the class token
+  is never masked), `repeat_token` / `set_at_index` / `get_at_index` / `patchify`, `nn.MSELoss` on
+  the masked patches; the norm-pix target (each patch normalised by its own mean and variance) is
+  `utils.normalize_mean_var`. Decoder width/depth/heads and the mask ratio come from the recipe;
 - optimizer: AdamW (lr / weight decay from the recipe, selfsup's defaults) with lightly's
   `CosineWarmupScheduler` per step. lightly's SimCLR/BYOL examples use SGD(lr=0.06) and its DINO
   example Adam(lr=1e-3); AdamW on both sides keeps the optimizer out of the comparison;
@@ -55,6 +62,7 @@ DEFAULT_RECIPE = {
     "dino_momentum": 0.99, "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
     "teacher_temp_warmup": 0.3, "center_momentum": 0.9, "freeze_last_layer": 0.01,
     "global_crop_scale": [0.4, 1.0], "local_crop_scale": [0.05, 0.4],
+    "mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4, "norm_pix_loss": True,  # MAE
 }
 
 
@@ -82,7 +90,7 @@ def build_backbone(name: str, image_size: int):
 
 
 def build_transform(method: str, size: int, n_local: int, local_size: int, normalize: dict, recipe: dict):
-    from lightly.transforms import BYOLTransform, DINOTransform, SimCLRTransform
+    from lightly.transforms import BYOLTransform, DINOTransform, MAETransform, SimCLRTransform
     from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 
     if method == "simclr":
@@ -97,7 +105,9 @@ def build_transform(method: str, size: int, n_local: int, local_size: int, norma
         return DINOTransform(global_crop_size=size, global_crop_scale=tuple(recipe["global_crop_scale"]),
                              local_crop_size=local_size, local_crop_scale=tuple(recipe["local_crop_scale"]),
                              n_local_views=n_local, normalize=normalize)
-    raise SystemExit(f"lightly_side: unknown method {method!r} (simclr, byol, dino)")
+    if method == "mae":  # random-resized crop (bicubic) + horizontal flip
+        return MAETransform(input_size=size, min_scale=recipe["min_scale"], normalize=normalize)
+    raise SystemExit(f"lightly_side: unknown method {method!r} (simclr, byol, dino, mae)")
 
 
 def build_model(method: str, backbone, dim: int, steps: int, recipe: dict):
@@ -191,12 +201,68 @@ def build_model(method: str, backbone, dim: int, steps: int, recipe: dict):
 
         return DINO(), criterion, dino_step
 
+    if method == "mae":
+        from lightly.models import utils
+        from lightly.models.modules.masked_autoencoder import MAEDecoder
+        from lightly.models.modules.masked_vision_transformer_torchvision import MaskedVisionTransformerTorchvision
+
+        if not isinstance(backbone, MaskedVisionTransformerTorchvision):
+            raise SystemExit("lightly_side: mae needs the ViT backbone (--encoder vit_tiny)")
+        vit = backbone.vit
+        decoder_dim = recipe["decoder_dim"]
+
+        class MAE(nn.Module):
+            """lightly's torchvision MAE example, with the decoder sized by the recipe."""
+
+            def __init__(self):
+                super().__init__()
+                self.mask_ratio = recipe["mask_ratio"]
+                self.patch_size = vit.patch_size
+                self.sequence_length = vit.seq_length  # patches + the class token
+                self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+                self.backbone = backbone
+                self.decoder = MAEDecoder(
+                    seq_length=vit.seq_length, num_layers=recipe["decoder_depth"], num_heads=recipe["decoder_heads"],
+                    embed_input_dim=vit.hidden_dim, hidden_dim=decoder_dim, mlp_dim=decoder_dim * 4,
+                    out_dim=vit.patch_size**2 * 3, dropout=0.0, attention_dropout=0.0,
+                )
+
+            def forward_encoder(self, images, idx_keep=None):
+                return self.backbone.encode(images=images, idx_keep=idx_keep)
+
+            def forward_decoder(self, x_encoded, idx_keep, idx_mask):
+                batch_size = x_encoded.shape[0]
+                x_decode = self.decoder.embed(x_encoded)
+                x_masked = utils.repeat_token(self.mask_token, (batch_size, self.sequence_length))
+                x_masked = utils.set_at_index(x_masked, idx_keep, x_decode.type_as(x_masked))
+                x_decoded = self.decoder.decode(x_masked)
+                x_pred = utils.get_at_index(x_decoded, idx_mask)  # only the masked tokens are predicted
+                return self.decoder.predict(x_pred)
+
+            def forward(self, images):
+                batch_size = images.shape[0]
+                idx_keep, idx_mask = utils.random_token_mask(
+                    size=(batch_size, self.sequence_length), mask_ratio=self.mask_ratio, device=images.device)
+                x_encoded = self.forward_encoder(images=images, idx_keep=idx_keep)
+                x_pred = self.forward_decoder(x_encoded=x_encoded, idx_keep=idx_keep, idx_mask=idx_mask)
+                patches = utils.patchify(images, self.patch_size)
+                target = utils.get_at_index(patches, idx_mask - 1)  # idx_mask counts the class token
+                if recipe["norm_pix_loss"]:
+                    target = utils.normalize_mean_var(target, dim=-1)
+                return x_pred, target
+
+        def mae_step(model, criterion, views, step):
+            predictions, targets = model(views[0])  # views holds a single view
+            return criterion(predictions, targets)
+
+        return MAE(), nn.MSELoss(), mae_step
+
     raise SystemExit(f"lightly_side: unknown method {method!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", required=True, choices=["simclr", "byol", "dino"])
+    parser.add_argument("--method", required=True, choices=["simclr", "byol", "dino", "mae"])
     parser.add_argument("--encoder", required=True, choices=["resnet18", "vit_tiny"])
     parser.add_argument("--data", required=True, type=Path, help=".npz from bench/vision.py")
     parser.add_argument("--features-out", type=Path, help="folder for bank.npy / test.npy; omitted = no embedding")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.adapt.probes import extract_features
+from selfsup.data.colour import lightness_as_grey, rgb_to_lab
 from selfsup.data.images import ImageSet
 from selfsup.data.text import TextSet
 from selfsup.data.tokenizer import TextTokenizer
@@ -35,12 +36,20 @@ def labelled(data: ImageSet, what: str) -> tuple[Tensor, Tensor]:
     return data.images[keep], data.labels[keep]
 
 
+def prepare_images(images: Tensor, preprocess: dict[str, Any]) -> Tensor:
+    """uint8 images [B, C, H, W] -> the encoder's input, as `encoder.json`'s preprocess says: resized,
+    normalised, and for encoders trained on lightness alone (colourisation) made grey first."""
+    if preprocess.get("input_transform") == "grey":
+        images = (lightness_as_grey(rgb_to_lab(images.float() / 255)) * 255).round().to(torch.uint8)
+    return normalise(images, preprocess["mean"], preprocess["std"], preprocess["image_size"])
+
+
 def encoder_features(encoder: nn.Module, images: Tensor, preprocess: dict[str, Any], device: torch.device,
                      autocast_dtype: torch.dtype | None) -> Tensor:
     """Pooled embeddings [N, D] (float32, CPU) of uint8 images, prepared as the encoder was trained."""
-    prep = lambda x: normalise(x, preprocess["mean"], preprocess["std"], preprocess["image_size"])  # noqa: E731
     encoder.eval()
-    return extract_features(encoder.embed, images, device=device, autocast_dtype=autocast_dtype, preprocess=prep)
+    return extract_features(encoder.embed, images, device=device, autocast_dtype=autocast_dtype,
+                            preprocess=lambda x: prepare_images(x, preprocess))
 
 
 def raw_pixels(images: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ file's size and modification time, so later loads skip the CSV parse.
 
 "glyphs" is the harder one (about 100 classes): it is rendered once from Debian's Noto fonts by
 `selfsup data prepare glyphs` into the same cache and read back from there (see `glyphs.py`), so
-it is also in PREPARABLE.
+it is also in PREPARABLE. "emoji" (3,655 colour emoji of Noto Color Emoji, labelled by CLDR group,
+with `subgroup` and `skin_tone` columns) is made the same way by `selfsup data prepare emoji`
+(see `emoji.py`).
 
 "manpages" is a text corpus (rendered once by `selfsup data prepare manpages`, see `manpages.py`);
 it is listed here so that `data list` and `data prepare` cover it, and `text.load_text_source` loads it.
@@ -37,11 +39,13 @@ BUILTIN: dict[str, str] = {
     "digits": "1,797 scikit-learn handwritten digits, 8x8 greyscale, 10 classes (bundled with scikit-learn)",
     "glyphs": "~33,000 Noto font glyphs, 32x32 greyscale, ~100 Unicode scripts, Sans/Serif `family` subgroup "
               "(selfsup data prepare glyphs)",
+    "emoji": "3,655 Noto Color Emoji, 32x32 RGB, 9 CLDR groups, `subgroup` (99) and `skin_tone` subgroups "
+             "(selfsup data prepare emoji)",
     "manpages": "~1,100 English Debian man pages as text, labelled by section (1-5, 7, 8), `package` subgroup "
                 "(selfsup data prepare manpages; a text corpus, see text.py)",
 }
 # Built-ins made once by `selfsup data prepare NAME` before they can load (the CLI lists the same names).
-PREPARABLE: tuple[str, ...] = ("glyphs", "manpages")
+PREPARABLE: tuple[str, ...] = ("glyphs", "emoji", "manpages")
 
 _MNIST_RELATIVE = Path("data") / "data" / "mnist_5k.csv.gz"
 _MNIST_SIDE = 28
@@ -63,6 +67,10 @@ def builtin_available(name: str) -> tuple[bool, str]:
         from selfsup.data.glyphs import glyphs_status
 
         return glyphs_status()
+    if name == "emoji":
+        from selfsup.data.emoji import emoji_status
+
+        return emoji_status()
     if name == "manpages":
         from selfsup.data.manpages import manpages_status
 
@@ -80,6 +88,10 @@ def load_builtin(name: str, image_size: int, channels: int = 3) -> ImageSet:
         from selfsup.data.glyphs import load_glyphs  # imports this module, so imported here
 
         return load_glyphs(image_size, channels)
+    elif name == "emoji":
+        from selfsup.data.emoji import load_emoji  # imports this module, so imported here
+
+        return load_emoji(image_size, channels)
     elif name == "manpages":
         raise SelfsupError("'manpages' is a text corpus, not images; use it with a text method, "
                            "or load it with selfsup.data.text.load_text_source")

@@ -141,3 +141,41 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
 def solarize(x: Tensor, threshold: float) -> Tensor:
     """Inverts the pixels at or above `threshold` (x -> 1 - x), as BYOL's solarization."""
     return _choose(_indicator(x, threshold), 1.0 - x, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIE Lab (D65), for colourisation: L = lightness in [0, 100], a/b = the two chroma axes.
+
+_RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
+               (0.2126729, 0.7151522, 0.0721750),
+               (0.0193339, 0.1191920, 0.9503041))
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+_EPS = (6 / 29) ** 3
+
+
+def rgb_to_lab(x: Tensor) -> Tensor:
+    """sRGB in [0, 1], [B, 3, H, W] -> CIE Lab (D65 white), [B, 3, H, W]: L in [0, 100], a, b ~ [-110, 110]."""
+    x = x.float().clamp(0, 1)
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(_RGB_TO_XYZ, device=x.device) / torch.tensor(_D65_WHITE, device=x.device).unsqueeze(1)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)  # [B, 3, H, W], white-normalised X/Xn, Y/Yn, Z/Zn
+    f = torch.where(xyz > _EPS, xyz.clamp_min(_EPS).pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    fx, fy, fz = f.unbind(1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    """The inverse of `rgb_to_lab`; colours outside the sRGB gamut are clipped to [0, 1]."""
+    L, a, b = lab.float().unbind(1)
+    fy = (L + 16) / 116
+    f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=1)  # [B, 3, H, W]
+    xyz = torch.where(f > 6 / 29, f.pow(3), 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    xyz = xyz * torch.tensor(_D65_WHITE, device=lab.device).view(1, 3, 1, 1)
+    matrix = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).float().to(lab.device)
+    linear = torch.einsum("ij,bjhw->bihw", matrix, xyz).clamp(0, 1)
+    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp_min(1e-12).pow(1 / 2.4) - 0.055).clamp(0, 1)
+
+
+def lightness_as_grey(lab: Tensor) -> Tensor:
+    """The grey sRGB image [B, 3, H, W] with the lightness of `lab` and no chroma (colourisation's input)."""
+    return lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], dim=1))

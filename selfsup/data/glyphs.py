@@ -28,9 +28,7 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
 import tempfile
 import time
 import unicodedata
@@ -48,7 +46,7 @@ from selfsup.data.decode import _BadFilePolicy
 from selfsup.data.glyph_sources import (FONT_PACKAGE, INSTALL_COMMAND, RENDERER_VERSION, GlyphRenderer, ScriptTable,
                                         find_fonts, find_scripts_file, package_versions, parse_scripts)
 from selfsup.data.images import ImageSet, images_from_array
-from selfsup.data.prepared import read_stamp
+from selfsup.data.prepared import ProgressBar, chmod_like_mkdir, read_stamp, swap_into_place
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -180,13 +178,13 @@ def prepare_glyphs(out: Path | None = None, size: int = 32, min_per_script: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        _chmod_like_mkdir(building)
+        chmod_like_mkdir(building)
         _write(building, [(images[i], rows[i]) for i in keep], progress)
         seconds = time.perf_counter() - started
         stamp = {"settings": settings, "inputs": inputs, "num_images": len(keep),
                  "scripts": kept_counts, "families": family_counts, "seconds": round(seconds, 2)}
         (building / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        _swap_into_place(building, out)
+        swap_into_place(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -217,39 +215,13 @@ def _plan(fonts: list[tuple[Path, str]], table: ScriptTable) -> list[tuple[Path,
     return jobs
 
 
-class _Bar:
-    """A rich progress bar on a terminal, else one log line per phase, else nothing."""
-
-    def __init__(self, enabled: bool, title: str, total: int):
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[note]}"), console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task(title, total=total, note="")
-            self._bar.start()
-        elif enabled:
-            logger.info("%s: %d", title, total)
-
-    def update(self, completed: int | None = None, note: str | None = None) -> None:
-        if self._bar is not None:
-            fields = {} if note is None else {"note": note}
-            self._bar.update(self._task, completed=completed, **fields)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _render_all(jobs: list[tuple[Path, str, int, str]], size: int,
                 progress: bool) -> tuple[list[np.ndarray], list[tuple[str, str, str, int]], int]:
     """Images and (script, font file name, family, code point) rows of the non-blank glyphs."""
     images: list[np.ndarray] = []
     rows: list[tuple[str, str, str, int]] = []
     num_blank = 0
-    bar = _Bar(progress, "rendering glyphs", len(jobs))
+    bar = ProgressBar(progress, "rendering glyphs", len(jobs))
     try:
         renderer: GlyphRenderer | None = None
         for number, (path, family, codepoint, script) in enumerate(jobs, start=1):
@@ -298,7 +270,7 @@ def _select(rows: list[tuple[str, str, str, int]], min_per_script: int,
 def _write(folder: Path, items: list[tuple[np.ndarray, tuple[str, str, str, int]]], progress: bool) -> None:
     """PNGs under <script>/, manifest.csv (rows in font, code point order) and pixels.npz."""
     paths = []
-    bar = _Bar(progress, "writing images", len(items))
+    bar = ProgressBar(progress, "writing images", len(items))
     try:
         with open(folder / MANIFEST, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh, lineterminator="\n")
@@ -316,29 +288,6 @@ def _write(folder: Path, items: list[tuple[np.ndarray, tuple[str, str, str, int]
         bar.close()
     x = np.stack([image for image, _ in items])  # [N, S, S]
     np.savez_compressed(folder / PIXELS, x=x, path=np.array(paths))
-
-
-def _chmod_like_mkdir(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; the dataset should be as readable as any other folder."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
-def _swap_into_place(building: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, moving a previous build aside first and deleting it after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    try:
-        os.rename(building, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ _ON_DEVICE_BYTES = 2 << 30
 
 
 class ImageBatches:
-    """`batches(indices, generator)` -> {"views": [V x float [B, C, S, S]], "id": [...], "index", "label"?}."""
+    """`batches(indices, generator)` -> {"views": [V x float [B, C, S, S]], "id": [...], "index", "label"?,
+    "generator", "pixel_mean"/"pixel_std" (float [C], the views' normalisation)}."""
 
     def __init__(self, data: ImageSet, views: ImageViews, device: torch.device):
         self.data, self.views, self.device = data, views, device
@@ -26,6 +27,8 @@ class ImageBatches:
             images = images.to(device)
         self.images = images
         self.num_items = len(data)
+        self.pixel_mean = torch.tensor(views.mean, device=device)  # [C]
+        self.pixel_std = torch.tensor(views.std, device=device)  # [C]
 
     def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
         images = self.images[indices.to(self.images.device)].to(self.device, non_blocking=True)  # uint8 [B, C, H, W]
@@ -33,6 +36,11 @@ class ImageBatches:
             "views": self.views(images, generator),
             "id": [self.data.ids[i] for i in indices.tolist()],
             "index": indices,
+            # Masking that is the objective (MAE, BEiT) draws from the step's generator after the views.
+            "generator": generator,
+            # The views' normalisation, [C] each, for methods that need pixels back (colourisation).
+            "pixel_mean": self.pixel_mean,
+            "pixel_std": self.pixel_std,
         }
         if self.data.labels is not None:
             batch["label"] = self.data.labels[indices].to(self.device)

@@ -13,7 +13,7 @@ from torch import nn
 
 from selfsup.config import from_dict, nearest
 from selfsup.errors import SelfsupError
-from selfsup.methods import byol, dino, mlm, next_token, simclr
+from selfsup.methods import beit, byol, colorize, dino, mae, mlm, next_token, simclr
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class MethodSpec:
     causal: bool | None = None  # token methods: whether the encoder must be causal (None = no requirement)
     # Method config keys the run fills from its tokenizer unless the user set them (e.g. MLM's mask_id).
     tokenizer_fields: tuple[str, ...] = ()
+    # How the exported encoder's inputs must be prepared beyond normalisation: "grey" = it was trained
+    # on the lightness of images only (colourisation), so probes feed it grey versions too.
+    input_transform: str | None = None
+    vit_only: bool = False  # the objective works on ViT patch tokens (masking patches), not on a CNN
 
     @property
     def modality(self) -> str:
@@ -48,6 +52,17 @@ METHODS: dict[str, MethodSpec] = {
     "dino": MethodSpec(dino.Config, dino.DINO, "views", "DINO (Caron et al. 2021): self-distillation from an EMA teacher over multi-crops",
                        views={"crop_scale": [0.4, 1.0], "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2],
                               "num_local": 6, "local_crop_scale": [0.05, 0.4]}),
+    "mae": MethodSpec(mae.Config, mae.MAE, "views", "MAE (He et al. 2021): reconstruct the pixels of 75 % masked patches",
+                      views={"num_views": 1, "crop_scale": [0.2, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0},
+                      encoder="vit_tiny", vit_only=True),
+    "beit": MethodSpec(beit.Config, beit.BEiT, "views",
+                       "BEiT (Bao et al. 2021): predict the visual tokens (k-means on this data) of blockwise-masked patches",
+                       views={"num_views": 1, "crop_scale": [0.2, 1.0], "jitter_p": 0.8, "hue": 0.0, "grayscale_p": 0.0},
+                       encoder="vit_tiny", vit_only=True),
+    "colorize": MethodSpec(colorize.Config, colorize.Colorize, "views",
+                           "Colourisation (Zhang et al. 2016): predict quantised, rebalanced ab colour from lightness",
+                           views={"num_views": 1, "crop_scale": [0.5, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0},
+                           encoder="resnet18", input_transform="grey"),
     "mlm": MethodSpec(mlm.Config, mlm.MLM, "tokens", "BERT masked-LM (Devlin et al. 2018): predict 15 % masked tokens (80/10/10)",
                       encoder="text_encoder", tokenizer="wordpiece", causal=False, tokenizer_fields=("mask_id", "special_ids")),
     "next_token": MethodSpec(next_token.Config, next_token.NextToken, "tokens",

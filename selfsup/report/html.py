@@ -71,6 +71,11 @@ def write_report(run_dir: Path, title: str, results: Sequence[dict[str, Any]] = 
         parts += ["<h2>Probe accuracy on the held-out split</h2>", _results_table(results)]
     for caption, uri in _curves(rows):
         parts.append(f'<figure><img alt="{html.escape(caption)}" src="{uri}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    previews = run_dir / "previews.png"  # written by reconstruction objectives (report/previews.py)
+    if previews.exists():
+        uri = "data:image/png;base64," + base64.b64encode(previews.read_bytes()).decode()
+        parts += ["<h2>What the model makes of held-out images</h2>",
+                  f'<figure><img alt="reconstructions of held-out images" src="{uri}"></figure>']
     config = run_dir / "config.yaml"
     if config.exists():
         parts += ["<h2>Config</h2>", f"<pre>{html.escape(config.read_text())}</pre>"]

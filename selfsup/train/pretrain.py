@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfsup.adapt.frozen import prepare_images
 from selfsup.adapt.probes import extract_features, knn_accuracy
 from selfsup.config import RunConfig, dump_config, from_dict, load_config, to_dict
 from selfsup.data.images import ImageSet, load_image_source, split_holdout
@@ -35,6 +36,9 @@ from selfsup.encoders import build_encoder, describe_encoder
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import save_encoder
 from selfsup.methods import build_method, method_spec
+from selfsup.nn.targets import KMeansTokenizer
+from selfsup.report.previews import PREVIEWS_FILE, save_previews
+from selfsup.train import checkpoint
 from selfsup.train.loop import Batches, FitResult, fit
 from selfsup.train.runtime import Runtime, init_runtime
 
@@ -42,6 +46,7 @@ log = logging.getLogger("selfsup")
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"  # text runs: the tokenizer the weights were trained with
+VISUAL_TOKENS_FILE = "visual_tokens.safetensors"  # BEiT runs: the k-means codebook of patch tokens
 
 
 @dataclass
@@ -142,7 +147,7 @@ def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], 
     queries = torch.nonzero(holdout.labels >= 0).flatten()
     if len(bank) == 0 or len(queries) == 0:
         return None
-    prep = lambda x: normalise(x, preprocess["mean"], preprocess["std"], preprocess["image_size"])  # noqa: E731
+    prep = lambda x: prepare_images(x, preprocess)  # noqa: E731
 
     def monitor(method: nn.Module) -> dict[str, float]:
         embed = method.encoder.embed
@@ -185,6 +190,9 @@ def _assemble_images(cfg: RunConfig, runtime: Runtime, show_progress: bool) -> _
     train, holdout = load_splits(cfg, progress=show_progress and runtime.is_main)
     mean, std = channel_stats(train.images)
     preprocess = {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "mean": mean, "std": std}
+    transform = method_spec(cfg.method["name"]).input_transform
+    if transform is not None:
+        preprocess["input_transform"] = transform
     views = ImageViews(from_dict(ViewsConfig, cfg.views, prefix="views."), cfg.data.image_size, mean, std)
     return _Assembly(
         train, holdout, ImageBatches(train, views, runtime.device),
@@ -250,6 +258,24 @@ def _assemble_text(cfg: RunConfig, out: Path, runtime: Runtime) -> _Assembly:
     )
 
 
+def _fit_targets(method: nn.Module, parts: _Assembly, cfg: RunConfig, out: Path, runtime: Runtime,
+                 resume: bool) -> None:
+    """Targets made from the data (BEiT's visual tokens, colourisation's colour bins), fitted on the
+    training split before the first step. A resumed run skips this: the checkpoint holds them."""
+    if resume and checkpoint.latest_valid(out / "checkpoints") is not None:
+        return
+    assert isinstance(parts.train, ImageSet)
+    pre = parts.preprocess
+    prep = lambda x: normalise(x, pre["mean"], pre["std"], pre["image_size"])  # noqa: E731
+    generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    log.info("fitting %s's targets on the training images", cfg.method["name"])
+    stats = method.fit_targets(parts.train.images, prep, generator)
+    log.info("targets fitted: %s", {k: round(v, 4) for k, v in stats.items()})
+    tokenizer = getattr(method, "tokenizer", None)
+    if runtime.is_main and isinstance(tokenizer, KMeansTokenizer):
+        tokenizer.save(out / VISUAL_TOKENS_FILE)
+
+
 def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrite: bool = False,
              stop_after: int | None = None, show_progress: bool = True) -> PretrainResult:
     """Runs (or resumes) a pretraining run into `out`; returns what the caller needs for probes."""
@@ -273,7 +299,9 @@ def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrit
     else:
         parts = _assemble_images(cfg, runtime, show_progress)
     encoder, encoder_spec = build_encoder_from(cfg, **parts.encoder_inputs)
-    method = build_method(parts.method_section, encoder)
+    method = build_method(parts.method_section, encoder).to(runtime.device)
+    if getattr(method, "fits_targets", False):
+        _fit_targets(method, parts, cfg, out, runtime, resume)
     log.info("pretraining %s on %s: %d %s (%d held out), encoder %s (%.2fM parameters), %s on %s x%d",
              cfg.method["name"], parts.train.source, len(parts.train),
              "documents" if isinstance(parts.train, TextSet) else "images", len(parts.holdout), cfg.encoder["name"],
@@ -283,5 +311,7 @@ def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrit
     if runtime.is_main and result.steps == cfg.train.steps:
         save_encoder(out, method.encoder, {"encoder": encoder_spec, "preprocess": parts.preprocess, "method": cfg.method,
                                            "steps": result.steps, "data": parts.train.source})
+        if isinstance(parts.holdout, ImageSet) and len(parts.holdout):
+            save_previews(method, parts.holdout, parts.preprocess, runtime, out / PREVIEWS_FILE, cfg.seed)
     runtime.barrier()
     return PretrainResult(out, result, parts.train, parts.holdout, parts.preprocess)

@@ -22,7 +22,9 @@ def make_batch(spec_inputs: str, B: int = 6, C: int = 3, S: int = 16) -> dict:
         return {"input_ids": ids, "token_mask": torch.ones(B, SEQ, dtype=torch.bool), "document_ids": documents,
                 "generator": torch.Generator().manual_seed(1), "id": [str(i) for i in range(B)]}
     assert spec_inputs == "views", "add a batch maker for the new input kind"
-    return {"views": [torch.randn(B, C, S, S, generator=gen) for _ in range(2)], "id": [str(i) for i in range(B)]}
+    return {"views": [torch.randn(B, C, S, S, generator=gen) for _ in range(2)], "id": [str(i) for i in range(B)],
+            "generator": torch.Generator().manual_seed(1), "pixel_mean": torch.full((C,), 0.5),
+            "pixel_std": torch.full((C,), 0.25)}
 
 
 def build_for(encoder_name: str):
@@ -30,6 +32,13 @@ def build_for(encoder_name: str):
     if spec.modality == "text":
         return build_encoder(encoder_name, vocab_size=VOCAB, max_len=SEQ, **TINY_ENCODER[encoder_name])
     return build_encoder(encoder_name, in_channels=3, image_size=16, **TINY_ENCODER.get(encoder_name, {}))
+
+
+def fit_if_needed(method) -> None:
+    """Methods with data-fitted targets (BEiT's tokens, colourisation's bins) get them as pretrain gives them."""
+    if getattr(method, "fits_targets", False):
+        images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        method.fit_targets(images, lambda x: (x.float() / 255 - 0.5) / 0.25, torch.Generator().manual_seed(3))
 
 
 def _pairs() -> list[tuple[str, str]]:
@@ -40,6 +49,8 @@ def _pairs() -> list[tuple[str, str]]:
             if encoder.modality != method.modality:
                 continue
             if method.causal is not None and encoder_config(encoder_name).causal != method.causal:
+                continue
+            if method.vit_only and encoder.module_type.__name__ != "ViT":
                 continue
             pairs.append((method_name, encoder_name))
     return pairs
@@ -57,6 +68,7 @@ def test_method_contract(method_name, encoder_name):
     encoder = build_for(encoder_name)
     method = build_method({"name": method_name}, encoder)
     assert method.encoder is encoder, "the exported encoder must be `method.encoder`"
+    fit_if_needed(method)
     batch = make_batch(METHODS[method_name].inputs)
     out = method(batch, 0.0)
     assert set(out) >= {"loss"}
@@ -79,6 +91,7 @@ def test_method_contract(method_name, encoder_name):
 def test_method_runs_under_bf16_autocast(method_name):
     torch.manual_seed(0)
     method = build_method({"name": method_name}, build_for(METHODS[method_name].encoder))
+    fit_if_needed(method)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = method(make_batch(METHODS[method_name].inputs), 0.0)["loss"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
