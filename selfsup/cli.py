@@ -85,6 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chunks", type=int, default=4,
                    help="text: a document's feature is the mean over its first N blocks of seq_len tokens (default 4)")
 
+    p = sub.add_parser("adapt", help="train a classifier from a pretrained encoder with few labels",
+                       description="Turn a pretraining run's encoder into a classifier on the labelled rows of its data "
+                       "(or --data): a linear/MLP head on the frozen encoder, LoRA adapters + head, or a full fine-tune "
+                       "with layer-wise learning-rate decay. Scored on the run's held-out rows; early stopping on a "
+                       "validation tenth of the labels. `random:RUN` adapts the same architecture from scratch.")
+    p.add_argument("base", help="a pretraining run directory, or random:RUN for its architecture freshly initialised")
+    p.add_argument("--out", type=Path, required=True, help="task run directory to write")
+    p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="what trains (default head)")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the classifier head (default linear)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--label-fraction", type=float, default=1.0, help="fraction of the training labels (stratified)")
+    budget.add_argument("--k-shot", type=int, default=None, help="labelled examples per class instead of a fraction")
+    p.add_argument("--data", help="labelled source instead of the base run's own data (same modality)")
+    p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 head, 5e-4 lora, 1e-4 finetune)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--layer-decay", type=float, default=0.75, help="finetune: lr factor per layer below the top")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing task run in --out")
+
+    p = sub.add_parser("predict", help="predictions of an adapted classifier, with ids and group columns",
+                       description="Write a CSV of predictions (id, label when known, prediction, confidence, group "
+                       "columns, per-class probabilities) for the task's held-out rows, or every row of --data.")
+    p.add_argument("task", type=Path, help="a `selfsup adapt` output directory")
+    p.add_argument("--data", help="labelled or unlabelled source to predict (default: the held-out rows)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: TASK/predictions.csv)")
+
     p = sub.add_parser("export", help="export a text run as a Hugging Face model folder",
                        description="Write a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
                        "RoBERTa-PreLayerNorm) or AutoModelForCausalLM (next_token runs, as GPT-2) and AutoTokenizer "
@@ -171,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.commands import run_probe
 
             run_probe(args)
+        elif args.command == "adapt":
+            from selfsup.commands import run_adapt
+
+            run_adapt(args)
+        elif args.command == "predict":
+            from selfsup.commands import run_predict
+
+            run_predict(args)
         elif args.command == "export":
             from selfsup.commands import run_export
 

@@ -86,6 +86,27 @@ def run_probe(args: argparse.Namespace) -> None:
     log.info("wrote %s", out)
 
 
+def run_adapt(args: argparse.Namespace) -> None:
+    from selfsup.adapt.run import adapt
+    from selfsup.adapt.task import AdaptConfig
+
+    cfg = AdaptConfig(mode=args.mode, head=args.head, label_fraction=args.label_fraction, k_shot=args.k_shot,
+                      epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                      layer_decay=args.layer_decay, lora_rank=args.lora_rank, seed=args.seed)
+    cfg.validate()
+    metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite)
+    print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f} ({metrics['num_test']} held-out rows), "
+          f"best validation {metrics['val_acc']:.4f} after {metrics['epochs']} epochs, "
+          f"{metrics['num_train_labels']} training labels; task in {args.out}")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from selfsup.adapt.run import predict
+
+    out = predict(args.task, args.out or Path(args.task) / "predictions.csv", data=args.data)
+    print(f"wrote {out}")
+
+
 def run_export(args: argparse.Namespace) -> None:
     from selfsup.export.hf import export_hf
 

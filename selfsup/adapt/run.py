@@ -1,0 +1,148 @@
+"""The task run directory: `adapt` writes it, `predict` reads it (see `adapt/task.py` for the training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_file, save_model
+
+from selfsup.adapt.frozen import labelled_rows
+from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskInputs, TaskModel,
+                                build_task_model, label_budget, load_base, predict_logits, train_task)
+from selfsup.config import load_config
+from selfsup.data.images import ImageSet
+from selfsup.data.text import TextSet
+from selfsup.data.tokenizer import TextTokenizer
+from selfsup.encoders import build_encoder
+from selfsup.errors import SelfsupError
+from selfsup.train.pretrain import CONFIG_FILE, TOKENIZER_FILE, load_splits
+from selfsup.train.runtime import Runtime, init_runtime
+
+log = logging.getLogger("selfsup")
+
+
+def _base_dir(base: str) -> Path:
+    return Path(base.removeprefix("random:"))
+
+
+def _splits(base: str, data: str | None):
+    run = _base_dir(base)
+    if not (run / CONFIG_FILE).is_file():
+        raise SelfsupError(f"{run / CONFIG_FILE}: not found; the base must be a selfsup run directory "
+                           "(its config gives the data split that pretraining did not see)")
+    cfg = load_config(run / CONFIG_FILE, [] if data is None else [f"data.source={data}"])
+    return cfg, *load_splits(cfg)
+
+
+def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, runtime: Runtime | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Trains a classifier from `base` on the labelled training rows of the base run's data (or `data`),
+    scores it on the held-out rows, and writes the task run directory `out`. Returns the metrics."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SelfsupError(f"{out}: directory is not empty; pass --overwrite or choose another --out")
+        if not (out / TASK_META).is_file():
+            raise SelfsupError(f"{out}: not a selfsup task run (no {TASK_META}); refusing to delete it")
+        shutil.rmtree(out)
+    runtime = runtime or init_runtime("auto", "auto")
+    run_cfg, train, holdout = _splits(base, data)
+    encoder, meta, tokenizer = load_base(base)
+    train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
+    fit_idx, val_idx = label_budget(train.labels[train_rows], cfg)
+    if len(val_idx) == 0:
+        raise SelfsupError("the label budget leaves no validation example; raise the label fraction or k_shot")
+    num_classes = len(train.classes or []) or int(train.labels.max()) + 1
+    model = build_task_model(encoder, num_classes, cfg)
+    parts = {name: TaskInputs(split, rows, meta, tokenizer) for name, split, rows in
+             (("train", train, train_rows[fit_idx]), ("val", train, train_rows[val_idx]), ("test", holdout, test_rows))}
+    log.info("adapt %s from %s: %d training labels, %d validation, %d test rows, %d classes",
+             cfg.mode, base, len(parts["train"]), len(parts["val"]), len(parts["test"]), num_classes)
+    history = train_task(model, parts["train"], parts["train"].labels, parts["val"], parts["val"].labels, cfg, runtime)
+    test_logits = predict_logits(model, parts["test"], runtime)
+    metrics = {"test_acc": float((test_logits.argmax(1) == parts["test"].labels).float().mean()),
+               "val_acc": max(h["val_acc"] for h in history), "epochs": len(history),
+               "num_train_labels": len(parts["train"]), "num_val": len(parts["val"]), "num_test": len(parts["test"]),
+               "history": history}
+    _save(out, model, cfg, base, meta, tokenizer, train.classes, run_cfg.data.source, metrics)
+    return metrics
+
+
+def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, tokenizer: TextTokenizer | None,
+          classes: list[str] | None, source: str, metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.mode == "lora":
+        from selfsup.adapt.lora import lora_state_dict, merge_lora
+
+        adapter = {**lora_state_dict(model.encoder), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / ADAPTER_WEIGHTS))
+        merge_lora(model.encoder)  # the task model itself needs no adapter code
+    save_model(model.cpu(), str(out / TASK_WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER_FILE)
+    task = {"base": base, "encoder": meta["encoder"], "preprocess": meta["preprocess"], "adapt": asdict(cfg),
+            "classes": classes, "data": source}
+    (out / TASK_META).write_text(json.dumps(task, indent=1))
+    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+
+
+def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer | None]:
+    task_dir = Path(task_dir)
+    for name in (TASK_META, TASK_WEIGHTS):
+        if not (task_dir / name).is_file():
+            raise SelfsupError(f"{task_dir / name}: not found; is {task_dir} a `selfsup adapt` output?")
+    try:
+        task = json.loads((task_dir / TASK_META).read_text())
+        encoder = build_encoder(**task["encoder"])
+        model = TaskModel(encoder, len(task["classes"]), task["adapt"]["head"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SelfsupError(f"{task_dir / TASK_META}: not a valid task description ({err})") from None
+    try:
+        load_model(model, str(task_dir / TASK_WEIGHTS))
+    except Exception as err:  # safetensors' own error types for truncated or mismatched files
+        raise SelfsupError(f"{task_dir / TASK_WEIGHTS}: cannot load the task weights ({err})") from None
+    tokenizer = TextTokenizer.load(task_dir / TOKENIZER_FILE) if task["preprocess"].get("modality") == "text" else None
+    return model.eval(), task, tokenizer
+
+
+def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runtime | None = None) -> Path:
+    """Writes predictions (id, label when known, prediction, confidence, per-class probabilities, group
+    columns) for the held-out rows of the task's data, or every row of `data`, as CSV."""
+    model, task, tokenizer = load_task(task_dir)
+    runtime = runtime or init_runtime("auto", "auto")
+    _, train, holdout = _splits(task["base"], data)
+    split = holdout if data is None else _join(train, holdout)
+    rows = torch.arange(len(split))
+    inputs = TaskInputs(split, rows, {"preprocess": task["preprocess"]}, tokenizer)
+    probs = predict_logits(model.to(runtime.device), inputs, runtime).softmax(dim=1)
+    classes = task["classes"]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        groups = list(split.groups)
+        writer.writerow(["id", "label", "prediction", "confidence", *groups, *(f"p_{c}" for c in classes)])
+        for i in range(len(split)):
+            label = "" if split.labels is None or split.labels[i] < 0 else split.classes[int(split.labels[i])]
+            best = int(probs[i].argmax())
+            writer.writerow([split.ids[i], label, classes[best], f"{float(probs[i, best]):.6f}",
+                             *(split.groups[g][i] for g in groups), *(f"{float(p):.6f}" for p in probs[i])])
+    log.info("wrote %d predictions to %s", len(split), out)
+    return out
+
+
+def _join(a: ImageSet | TextSet, b: ImageSet | TextSet) -> ImageSet | TextSet:
+    """Every row of a source: its training rows, then its held-out rows."""
+    groups = {g: list(a.groups[g]) + list(b.groups.get(g, [""] * len(b))) for g in a.groups}
+    labels = None if a.labels is None else torch.cat([a.labels, b.labels])
+    if isinstance(a, TextSet):
+        return TextSet(a.texts + b.texts, a.ids + b.ids, labels, a.classes, groups, a.source)
+    return ImageSet(images=torch.cat([a.images, b.images]), ids=a.ids + b.ids, labels=labels, classes=a.classes,
+                    groups=groups, source=a.source)

@@ -1,0 +1,297 @@
+"""`selfsup adapt` / `selfsup predict`: a pretrained encoder turned into a classifier with few labels.
+
+Three modes, the usual ladder of cost and capacity:
+- `head`: the encoder is frozen, so its features are computed once and a linear (or one-hidden-
+  layer MLP) head is trained on them — seconds even on a CPU;
+- `lora`: low-rank adapters on the encoder's attention and MLP projections (`adapt/lora.py`) plus
+  the head; the base weights stay frozen;
+- `finetune`: every weight, with layer-wise learning-rate decay (`adapt/finetune_groups.py`).
+Training is plain supervised cross-entropy with AdamW and a cosine schedule, validated every epoch
+on a held-out part of the labelled training rows; the weights of the best validation epoch are
+kept and training stops after `patience` epochs without improvement.
+
+The splits are the pretraining run's: the same `data.holdout_fraction` and seed give the same
+test rows, which pretraining never saw. The label budget (a fraction or k per class) is then drawn
+from the training rows (`adapt/sampling.py`: stratified, seeded, nested), and a tenth of those
+(at least one per class) validate. Text documents are cut to their first block of the base's
+`seq_len` tokens (pretraining's block length); images are prepared as `encoder.json` says.
+
+A task run directory holds `task.safetensors` (the whole classifier, LoRA merged in, so it loads
+with no adapter code), `adapter.safetensors` for `lora` runs (only the adapter and head tensors —
+the head is saved *with* the adapter), `task.json` (how to rebuild and feed it) and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.adapt.frozen import prepare_images
+from selfsup.adapt.sampling import k_shot, stratified_fraction
+from selfsup.data.images import ImageSet
+from selfsup.data.split import holdout_mask
+from selfsup.data.text import TextSet
+from selfsup.data.tokenizer import TextTokenizer
+from selfsup.encoders import build_encoder
+from selfsup.errors import SelfsupError
+from selfsup.export.encoder import load_encoder
+from selfsup.train.optim import param_groups
+from selfsup.train.runtime import Runtime
+
+log = logging.getLogger("selfsup")
+
+TASK_WEIGHTS, ADAPTER_WEIGHTS, TASK_META, METRICS = "task.safetensors", "adapter.safetensors", "task.json", "metrics.json"
+
+
+@dataclass
+class AdaptConfig:
+    mode: Literal["head", "lora", "finetune"] = "head"
+    head: Literal["linear", "mlp"] = "linear"  # mlp = one hidden layer of the encoder's width, GELU
+    label_fraction: float = 1.0  # of the training rows' labels (stratified); ignored when k_shot is set
+    k_shot: int | None = None  # examples per class instead of a fraction
+    epochs: int = 50  # at most this many passes over the labelled rows
+    patience: int = 5  # stop after this many epochs without a better validation accuracy
+    batch_size: int = 64
+    lr: float | None = None  # None = 1e-3 for head, 5e-4 for lora, 1e-4 for finetune
+    weight_decay: float = 1e-4
+    layer_decay: float = 0.75  # finetune: each layer below the top gets this factor more of the lr
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    val_fraction: float = 0.1  # of the labelled training rows, for early stopping
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Errors a user can act on, before any data is read."""
+        if not 0 < self.label_fraction <= 1:
+            raise SelfsupError(f"label fraction must be in (0, 1], got {self.label_fraction}")
+        if self.k_shot is not None and self.k_shot < 2:
+            raise SelfsupError(f"k-shot must be at least 2 (one example per class also has to validate), got {self.k_shot}")
+        for key in ("epochs", "patience", "batch_size", "lora_rank"):
+            if getattr(self, key) < 1:
+                raise SelfsupError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.lr is not None and self.lr <= 0:
+            raise SelfsupError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise SelfsupError(f"layer decay must be in (0, 1], got {self.layer_decay}")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else {"head": 1e-3, "lora": 5e-4, "finetune": 1e-4}[self.mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: what the encoder's embed() takes, for a modality
+
+
+class TaskInputs:
+    """Prepared inputs of one split: images (uint8, prepared per batch) or token blocks (ids + mask)."""
+
+    def __init__(self, data: ImageSet | TextSet, rows: Tensor, meta: dict[str, Any], tokenizer: TextTokenizer | None):
+        self.rows = rows
+        self.meta = meta
+        if isinstance(data, TextSet):
+            assert tokenizer is not None
+            seq_len = int(meta["preprocess"]["seq_len"])
+            bos, eos = tokenizer.packing_bounds
+            head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
+            body = seq_len - len(head) - len(tail)
+            ids = tokenizer.encode_batch([data.texts[i] for i in rows.tolist()])
+            chunks = [head + doc[:body] + tail for doc in ids]
+            self.input_ids = torch.full((len(chunks), seq_len), tokenizer.pad_id, dtype=torch.long)
+            self.mask = torch.zeros(len(chunks), seq_len, dtype=torch.bool)
+            for i, chunk in enumerate(chunks):
+                self.input_ids[i, : len(chunk)] = torch.tensor(chunk)
+                self.mask[i, : len(chunk)] = True
+            self.images = None
+        else:
+            self.images = data.images[rows]
+        self.labels = None if data.labels is None else data.labels[rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, ...]:
+        """The encoder's embed() arguments for the rows at `index`, on `device`."""
+        if self.images is not None:
+            return (prepare_images(self.images[index].to(device), self.meta["preprocess"]),)
+        mask = self.mask[index]
+        width = int(mask.sum(dim=1).max())  # trim the batch's common padding
+        return self.input_ids[index, :width].to(device), mask[:, :width].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class FeatureNorm(nn.Module):
+    """Standardises frozen features with the training features' statistics (buffers, saved with the
+    head; `head` mode only — identity otherwise). MAE's linear probe does the same with an
+    affine-free BatchNorm: a pretrained encoder's features can sit on any scale, and an unnormalised
+    head would then need its own learning rate per encoder."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, features: Tensor) -> None:
+        self.mean.copy_(features.mean(dim=0))
+        self.std.copy_(features.std(dim=0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class TaskModel(nn.Module):
+    """encoder.embed -> standardise -> head; `forward(*inputs)` gives class logits [B, num_classes]."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, head: str):
+        super().__init__()
+        self.encoder = encoder
+        D = encoder.dim
+        self.norm = FeatureNorm(D)
+        self.head = nn.Linear(D, num_classes) if head == "linear" else nn.Sequential(
+            nn.Linear(D, D), nn.GELU(), nn.Linear(D, num_classes))
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(self.norm(features.float()))
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.classify(self.encoder.embed(*inputs))
+
+
+def build_task_model(encoder: nn.Module, num_classes: int, cfg: AdaptConfig) -> TaskModel:
+    """The classifier for `cfg.mode`: LoRA adapters are added (and the base frozen) for `lora`."""
+    if cfg.mode == "lora":
+        from selfsup.adapt.lora import add_lora
+
+        replaced = add_lora(encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        log.info("LoRA rank %d on %d projections", cfg.lora_rank, len(replaced))
+    return TaskModel(encoder, num_classes, cfg.head)
+
+
+def load_base(base: str) -> tuple[nn.Module, dict[str, Any], TextTokenizer | None]:
+    """(encoder, its encoder.json meta, tokenizer for text) from a selfsup run directory; `random:RUN`
+    builds the same architecture freshly initialised (the from-scratch baseline)."""
+    randomise = base.startswith("random:")
+    path = Path(base.removeprefix("random:"))
+    encoder, meta = load_encoder(path)
+    if randomise:
+        torch.manual_seed(0)
+        encoder = build_encoder(**meta["encoder"])
+    tokenizer = None
+    if meta["preprocess"].get("modality") == "text":
+        tokenizer = TextTokenizer.load(path / meta["preprocess"]["tokenizer"])
+    return encoder, meta, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and training
+
+
+def label_budget(labels: Tensor, cfg: AdaptConfig) -> tuple[Tensor, Tensor]:
+    """(train rows, validation rows) among the labelled training rows: the budget, then a tenth for validation."""
+    if cfg.k_shot is not None:
+        chosen = k_shot(labels, cfg.k_shot, cfg.seed)
+    else:
+        chosen = stratified_fraction(labels, cfg.label_fraction, cfg.seed)
+    chosen = torch.from_numpy(np.asarray(chosen)).long()
+    is_val = holdout_mask(labels[chosen], len(chosen), cfg.val_fraction, cfg.seed + 1)
+    return chosen[~is_val], chosen[is_val]
+
+
+@torch.no_grad()
+def _features(model: TaskModel, inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
+    model.encoder.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(inputs)))
+        with runtime.autocast():
+            out.append(model.encoder.embed(*inputs.batch(index, runtime.device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(inputs)))
+        with runtime.autocast():
+            out.append(model(*inputs.batch(index, runtime.device)).float().cpu())
+    return torch.cat(out)
+
+
+def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskInputs, val_y: Tensor, cfg: AdaptConfig,
+               runtime: Runtime) -> list[dict[str, float]]:
+    """Trains in place, keeps the best validation epoch's weights; returns the per-epoch history."""
+    torch.manual_seed(cfg.seed)
+    lr = cfg.resolved_lr()
+    frozen_features = cfg.mode == "head"
+    model.to(runtime.device)
+    if frozen_features:  # the encoder never changes: embed once, train the head on the features
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        train_x, val_x = _features(model, train, runtime), _features(model, val, runtime)
+        # Fixed statistics suit frozen features only: a trained encoder would move away from them.
+        model.norm.fit(train_x.to(runtime.device))
+        groups = param_groups(model.head, cfg.weight_decay)
+    elif cfg.mode == "lora":
+        groups = param_groups(model, cfg.weight_decay)  # add_lora froze the base: only adapters and head train
+    else:
+        from selfsup.adapt.finetune_groups import layerwise_lr_groups
+
+        groups = layerwise_lr_groups(model.encoder, lr, cfg.layer_decay, cfg.weight_decay,
+                                     head_params=list(model.head.parameters()))
+    for group in groups:
+        group.setdefault("lr", lr)
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    steps_per_epoch = max(1, math.ceil(len(train_y) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best_acc, best_state, best_epoch, history, step = -1.0, None, 0, [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        if frozen_features:
+            model.encoder.eval()
+        order = torch.randperm(len(train_y), generator=generator)
+        losses = []
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            scale = 0.5 * (1 + math.cos(math.pi * step / total))
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * scale
+            with runtime.autocast():
+                logits = (model.classify(train_x[index].to(runtime.device)) if frozen_features
+                          else model(*train.batch(index, runtime.device)))
+            loss = F.cross_entropy(logits.float(), train_y[index].to(runtime.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        if frozen_features:
+            with torch.no_grad():
+                val_logits = model.classify(val_x.to(runtime.device)).float().cpu()
+        else:
+            val_logits = predict_logits(model, val, runtime)
+        val_acc = float((val_logits.argmax(1) == val_y).float().mean())
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_acc": val_acc})
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    log.info("adapt (%s): best validation accuracy %.4f at epoch %d of %d", cfg.mode, best_acc, best_epoch, len(history))
+    return history

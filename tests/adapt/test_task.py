@@ -1,0 +1,124 @@
+"""`selfsup adapt` / `predict` end to end on tiny image and text runs, in every mode."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfsup.adapt.run import adapt, load_task, predict
+from selfsup.adapt.task import AdaptConfig, TaskInputs, label_budget
+from selfsup.cli import EXIT_BAD_INPUT, main
+from selfsup.config import load_config
+from selfsup.errors import SelfsupError
+from selfsup.train.pretrain import pretrain
+from selfsup.train.runtime import Runtime
+from tests.train.test_pretrain_text import text_overrides, write_corpus
+
+CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
+VIT_RUN = ["method.name=mae", "data.source=digits", "data.image_size=16", "encoder.name=vit_tiny", "encoder.dim=32",
+           "encoder.depth=2", "encoder.heads=2", "train.steps=2", "train.batch_size=32", "train.precision=fp32",
+           "train.device=cpu", "train.log_every=100"]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vit") / "run"
+    pretrain(load_config(None, VIT_RUN), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    corpus = write_corpus(root / "corpus.jsonl", num_docs=120)
+    out = root / "run"
+    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 2})), out, show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["head", "lora", "finetune"])
+def test_adapt_then_predict_images(tmp_path, vit_run, mode):
+    epochs = 40 if mode == "head" else 4  # the head trains on features computed once: epochs are cheap
+    cfg = AdaptConfig(mode=mode, epochs=epochs, patience=epochs, label_fraction=0.5, lr=1e-3 if mode == "finetune" else 3e-3)
+    metrics = adapt(str(vit_run), tmp_path / "task", cfg, runtime=CPU)
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["num_test"] == 359 and metrics["epochs"] == epochs
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    if mode == "head":
+        assert metrics["test_acc"] > 0.2, "digits from a few hundred labels are far above chance (10 %)"
+    model, task, _ = load_task(tmp_path / "task")
+    assert task["adapt"]["mode"] == mode and len(task["classes"]) == 10
+    out = predict(tmp_path / "task", tmp_path / "pred.csv", runtime=CPU)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 359 and {"id", "label", "prediction", "confidence", "p_0", "p_9"} <= set(rows[0])
+    accuracy = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    assert abs(accuracy - metrics["test_acc"]) < 1e-6, "predict reproduces the accuracy adapt measured"
+    if mode == "lora":
+        adapter = load_file(tmp_path / "task" / "adapter.safetensors")
+        assert any(k.startswith("head.") for k in adapter), "the head is saved with the adapter"
+        assert any(k.endswith("lora_a") for k in adapter) and not any(k.endswith("qkv.weight") for k in adapter)
+
+
+def test_only_head_and_adapters_change_in_lora_mode(tmp_path, vit_run):
+    from selfsup.export.encoder import load_encoder
+
+    adapt(str(vit_run), tmp_path / "task", AdaptConfig(mode="lora", epochs=2, lr=1e-2), runtime=CPU)
+    base, _ = load_encoder(vit_run)
+    model, _, _ = load_task(tmp_path / "task")  # LoRA merged: qkv/proj/mlp weights moved, nothing else
+    changed = {k for k, v in model.encoder.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed and all(k.endswith(("qkv.weight", "proj.weight", "mlp.0.weight", "mlp.2.weight")) for k in changed)
+
+
+def test_adapt_text_and_random_base(tmp_path, text_run):
+    pretrained = adapt(str(text_run), tmp_path / "a", AdaptConfig(mode="head", epochs=60, patience=60, lr=3e-3), runtime=CPU)
+    scratch = adapt(f"random:{text_run}", tmp_path / "b", AdaptConfig(mode="finetune", epochs=2), runtime=CPU)
+    assert pretrained["test_acc"] > 0.6, "three topics with disjoint words"
+    assert json.loads((tmp_path / "b" / "task.json").read_text())["base"].startswith("random:")
+    assert 0 <= scratch["test_acc"] <= 1
+    rows = list(csv.DictReader(predict(tmp_path / "a", tmp_path / "p.csv", runtime=CPU).open()))
+    assert rows and rows[0]["id"].startswith("doc")
+
+
+def test_label_budget_is_stratified_seeded_and_validates():
+    labels = torch.arange(200) % 4
+    train, val = label_budget(labels, AdaptConfig(label_fraction=0.5, seed=3))
+    again, _ = label_budget(labels, AdaptConfig(label_fraction=0.5, seed=3))
+    assert torch.equal(train, again) and len(set(train.tolist()) & set(val.tolist())) == 0
+    assert len(train) + len(val) == 100 and torch.bincount(labels[val], minlength=4).min() >= 1
+    shots, shots_val = label_budget(labels, AdaptConfig(k_shot=5))
+    assert torch.bincount(labels[torch.cat([shots, shots_val])]).tolist() == [5, 5, 5, 5]
+
+
+def test_cli_adapt_predict_and_errors(tmp_path, vit_run, capsys):
+    assert main(["adapt", str(vit_run), "--out", str(tmp_path / "t"), "--epochs", "2", "--k-shot", "5"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "predictions.csv").is_file()
+    assert main(["adapt", str(vit_run), "--out", str(tmp_path / "t")]) == EXIT_BAD_INPUT  # no silent overwrite
+    assert main(["adapt", str(vit_run), "--out", str(tmp_path / "u"), "--label-fraction", "0"]) == EXIT_BAD_INPUT
+    assert main(["predict", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
+    assert "task.json" in capsys.readouterr().err
+
+
+def test_resnet_refuses_lora(tmp_path):
+    out = tmp_path / "r"
+    pretrain(load_config(None, ["data.source=digits", "data.image_size=16", "encoder.name=resnet10", "encoder.width=8",
+                                "train.steps=1", "train.batch_size=32", "train.precision=fp32", "train.device=cpu"]),
+             out, show_progress=False)
+    with pytest.raises(SelfsupError, match="head"):
+        adapt(str(out), tmp_path / "t", AdaptConfig(mode="lora", epochs=1), runtime=CPU)
+
+
+def test_task_inputs_trim_text_padding(text_run):
+    from selfsup.adapt.task import load_base
+    from selfsup.train.pretrain import load_splits
+
+    encoder, meta, tokenizer = load_base(str(text_run))
+    train, _ = load_splits(load_config(text_run / "config.yaml"))
+    inputs = TaskInputs(train, torch.arange(4), meta, tokenizer)
+    ids, mask = inputs.batch(torch.arange(4), torch.device("cpu"))
+    assert ids.shape == mask.shape and ids.shape[1] <= 16 and bool(mask[:, 0].all())
+    assert ids[mask].min() >= 0 and int(ids[0, 0]) == tokenizer.cls_id
+
