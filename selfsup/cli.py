@@ -26,6 +26,8 @@ EXIT_BAD_INPUT = 2
 
 # Kept equal to selfsup.data.builtin.PREPARABLE (a test checks) so that parsing never imports torch.
 PREPARABLE = ("glyphs", "emoji", "manpages")
+# Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
+SELECT_SCORES = ("logme", "knn", "linear_cv")
 
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
@@ -106,6 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-decay", type=float, default=0.75, help="finetune: lr factor per layer below the top")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing task run in --out")
+
+    p = sub.add_parser("leverage", help="labels pretraining is worth: pretrained vs from scratch on a label ladder",
+                       description="Adapt BASE and the same architecture from scratch (random:BASE, always fully "
+                       "fine-tuned: a frozen random encoder is not supervised training from scratch) at each label count "
+                       "of a ladder, for a few seeds; print how many labels scratch needs to match pretrained at each "
+                       "count, and write leverage.json and leverage.png in --out.")
+    p.add_argument("base", help="a pretraining run directory")
+    p.add_argument("--out", type=Path, required=True, help="folder for leverage.json, leverage.png (and runs/ with --keep)")
+    p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head",
+                   help="how the pretrained base adapts (default head); the from-scratch side always fine-tunes")
+    p.add_argument("--ladder", type=int, nargs="+", default=None,
+                   help="total label counts (default: 6 geometric rungs from 2 per class to every labelled training row)")
+    p.add_argument("--k-shot-ladder", action="store_true", help="the ladder counts labels per class instead of in total")
+    p.add_argument("--seeds", type=int, default=3, help="label draws (and training orders) per rung (default 3)")
+    p.add_argument("--data", help="labelled source instead of the base run's own data (same modality)")
+    p.add_argument("--epochs", type=int, default=50, help="at most this many epochs per adapt run (default 50)")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
+    p.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of the from-scratch side (default 1e-3)")
+    p.add_argument("--keep", action="store_true", help="keep every adapt run in OUT/runs/<side>-n<N>-s<seed>")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing leverage.json (and kept runs) in --out")
+
+    p = sub.add_parser("select", help="rank candidate pretrained bases by frozen-feature scores",
+                       description="Embed a labelled sample of the data with every candidate base (frozen) and rank "
+                       "them by LogME, kNN and linear-probe scores within a time budget; write select.json in --out. "
+                       "--validate also adapts every base and reports each score's Kendall tau against the accuracy "
+                       "reached. random:RUN adds the architecture untrained as a candidate.")
+    p.add_argument("--bases", nargs="+", required=True, help="pretraining run directories (or random:RUN), one modality")
+    p.add_argument("--data", help="labelled source (default: the first base's run data)")
+    p.add_argument("--out", type=Path, default=Path("runs/select"), help="folder for select.json (default runs/select)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="seconds the scores may take in all (default 60)")
+    p.add_argument("--scores", nargs="+", choices=SELECT_SCORES, default=list(SELECT_SCORES),
+                   help="scores to compute, in this order (default: all)")
+    p.add_argument("--max-samples", type=int, default=2000,
+                   help="embed at most this many labelled training rows, drawn stratified (default 2000)")
+    p.add_argument("--validate", action="store_true", help="also adapt every base and compare the scores' order with it")
+    p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="--validate: adapt mode (default head)")
+    p.add_argument("--epochs", type=int, default=50, help="--validate: at most this many epochs (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true", help="--validate: keep the adapt runs in OUT/adapt/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing select.json (and kept runs) in --out")
 
     p = sub.add_parser("predict", help="predictions of an adapted classifier, with ids and group columns",
                        description="Write a CSV of predictions (id, label when known, prediction, confidence, group "
@@ -204,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.commands import run_adapt
 
             run_adapt(args)
+        elif args.command == "leverage":
+            from selfsup.commands import run_leverage
+
+            run_leverage(args)
+        elif args.command == "select":
+            from selfsup.commands import run_select
+
+            run_select(args)
         elif args.command == "predict":
             from selfsup.commands import run_predict
 

@@ -100,6 +100,26 @@ def run_adapt(args: argparse.Namespace) -> None:
           f"{metrics['num_train_labels']} training labels; task in {args.out}")
 
 
+def run_leverage(args: argparse.Namespace) -> None:
+    from selfsup.evaluate.ladder import LEVERAGE_JSON, LEVERAGE_PNG, run_leverage as leverage
+
+    result = leverage(args.base, args.out, mode=args.mode, ladder=args.ladder, k_shot=args.k_shot_ladder,
+                      num_seeds=args.seeds, data=args.data, epochs=args.epochs, patience=args.patience,
+                      scratch_lr=args.scratch_lr, keep=args.keep, overwrite=args.overwrite)
+    print(result["text"])
+    print(f"wrote {Path(args.out) / LEVERAGE_JSON} and {Path(args.out) / LEVERAGE_PNG}")
+
+
+def run_select(args: argparse.Namespace) -> None:
+    from selfsup.evaluate.ladder import SELECT_JSON, select_bases
+
+    result = select_bases(args.bases, args.out, data=args.data, scores=args.scores, budget_s=args.budget_s,
+                          max_samples=args.max_samples, validate=args.validate, mode=args.mode, epochs=args.epochs,
+                          seed=args.seed, keep=args.keep, overwrite=args.overwrite)
+    print(result["text"])
+    print(f"wrote {Path(args.out) / SELECT_JSON}")
+
+
 def run_predict(args: argparse.Namespace) -> None:
     from selfsup.adapt.run import predict
 

@@ -1,0 +1,310 @@
+"""Orchestration of `selfsup leverage` and `selfsup select`: many `adapt` runs and frozen-feature scores.
+
+The measurements live elsewhere (`evaluate/leverage.py`: the leverage table and plot;
+`evaluate/transferability.py`: LogME, kNN and linear scores, Kendall tau); this module decides
+which runs to make, makes them, and writes what they found.
+
+**Leverage.** For each label count N on a ladder and each seed, `adapt` runs twice: from the
+pretrained base (in the requested mode) and from scratch (`random:BASE`: the same architecture
+freshly initialised). The from-scratch side always fine-tunes every weight (`finetune`, with no
+layer-wise decay, since there is nothing pretrained to protect, and its own learning rate): a
+frozen random encoder with a trained head is a random-features baseline, not "supervised from
+scratch", and would overstate the leverage. Both sides of one seed see the same labels, and for
+one seed the label sets are nested across the ladder (`adapt/sampling.py`), so the curves measure
+the effect of adding labels. N counts every label a side is given, the validation tenth included.
+A rung is a total label count, drawn stratified (fraction N / labelled training rows), or with
+`k_shot` a number per class; a rung beyond the data is clipped to all of it, with a note.
+
+**Select.** Every candidate base embeds the same stratified sample of the labelled training rows
+with its frozen encoder; `score_bases` ranks them within a time budget. With `validate`, every
+base is also adapted on the same data and each score's Kendall tau against the accuracy reached
+says whether the score ordered the bases the way adaptation does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
+from selfsup.adapt.run import adapt
+from selfsup.adapt.sampling import k_shot as k_shot_rows
+from selfsup.adapt.sampling import stratified_fraction
+from selfsup.adapt.task import AdaptConfig, load_base
+from selfsup.config import load_config
+from selfsup.errors import SelfsupError
+from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
+from selfsup.evaluate.transferability import SCORES, format_ranking, score_accuracy_tau, score_bases
+from selfsup.train.pretrain import CONFIG_FILE, load_splits
+from selfsup.train.runtime import Runtime, init_runtime
+
+log = logging.getLogger("selfsup")
+
+LEVERAGE_JSON, LEVERAGE_PNG, SELECT_JSON = "leverage.json", "leverage.png", "select.json"
+SIDES = ("pretrained", "scratch")
+DEFAULT_NUM_RUNGS = 6
+# The smallest budget `adapt` can use: per class one label to train on and one to validate with.
+MIN_PER_CLASS = 2
+SCRATCH_NOTE = ("from scratch = random:BASE fine-tuned end to end (mode finetune, no layer decay): a frozen random "
+                "encoder is a random-features baseline, not supervised training from scratch")
+
+
+def _labelled_training(base: str, data: str | None) -> tuple[Any, Any, torch.Tensor]:
+    """(run config, training split, indices of its labelled rows) of `base`'s data, or of `data`."""
+    run = Path(base.removeprefix("random:"))
+    if not (run / CONFIG_FILE).is_file():
+        raise SelfsupError(f"{run / CONFIG_FILE}: not found; {base} must be a selfsup pretraining run directory "
+                           "(or random:RUN of one)")
+    cfg = load_config(run / CONFIG_FILE, [] if data is None else [f"data.source={data}"])
+    train, _ = load_splits(cfg)
+    return cfg, train, labelled_rows(train, "training")
+
+
+# ---------------------------------------------------------------------------------------------
+# Leverage
+
+
+def default_ladder(num_rows: int, num_classes: int, k_shot: bool = False, num_rungs: int = DEFAULT_NUM_RUNGS,
+                   largest_class: int | None = None) -> list[int]:
+    """A geometric ladder from 2 labels per class up to every labelled training row (or, per class with
+    `k_shot`, from 2 up to the largest class); fewer rungs when the range is too short for distinct ones."""
+    low, high = (MIN_PER_CLASS, largest_class or 0) if k_shot else (MIN_PER_CLASS * num_classes, num_rows)
+    if high < low:
+        raise SelfsupError(f"the data hold {num_rows} labelled training rows in {num_classes} classes: too few for a "
+                           f"label ladder, which starts at {MIN_PER_CLASS} per class")
+    rungs = np.geomspace(low, high, num_rungs)
+    return sorted({int(round(float(n))) for n in rungs})
+
+
+def resolve_ladder(ladder: Sequence[int] | None, labels: torch.Tensor, k_shot: bool) -> tuple[list[dict], list[str]]:
+    """The rungs to run, each ``{"requested", "num_labels", "label_fraction" | "k_shot"}``, and notes.
+
+    `num_labels` is the number of labels the stratified draw really gives (per-class rounding moves
+    it a little off the request), which is what the leverage table compares. A rung beyond the data
+    is clipped to all of it; a rung that then duplicates another is dropped; both are noted.
+    """
+    num_rows = len(labels)
+    counts = torch.bincount(labels)
+    counts = counts[counts > 0]
+    num_classes, largest = len(counts), int(counts.max())
+    if ladder is None:
+        ladder = default_ladder(num_rows, num_classes, k_shot, largest_class=largest)
+    requested = sorted(set(int(n) for n in ladder))
+    notes: list[str] = []
+    rungs: list[dict] = []
+    unit = "per class" if k_shot else "labels"
+    for n in requested:
+        if n < 1:
+            raise SelfsupError(f"--ladder: label counts must be positive, got {n}")
+        if k_shot:
+            if n < MIN_PER_CLASS:
+                raise SelfsupError(f"--ladder: k={n} per class is too few; adapt needs at least {MIN_PER_CLASS} "
+                                   "(one to train on, one to validate)")
+            k = min(n, largest)
+            if k < n:
+                notes.append(f"rung {n} per class is more than the largest class holds ({largest}); clipped to {k}")
+            budget: dict[str, Any] = {"k_shot": k}
+            num_labels = int(torch.clamp(counts, max=k).sum())
+        else:
+            if n < MIN_PER_CLASS * num_classes:
+                raise SelfsupError(f"--ladder: {n} labels is fewer than {MIN_PER_CLASS} per class for {num_classes} "
+                                   f"classes; start the ladder at {MIN_PER_CLASS * num_classes} or more")
+            clipped = min(n, num_rows)
+            if clipped < n:
+                notes.append(f"rung {n} labels is more than the {num_rows} labelled training rows; clipped to {num_rows}")
+            fraction = clipped / num_rows
+            budget = {"label_fraction": fraction}
+            num_labels = len(stratified_fraction(labels, fraction, seed=0))  # the count does not depend on the seed
+        if rungs and num_labels <= rungs[-1]["num_labels"]:
+            notes.append(f"rung {n} {unit} draws the same {num_labels} labels as rung {rungs[-1]['requested']}; dropped")
+            continue
+        rungs.append({"requested": n, "num_labels": num_labels, **budget})
+    return rungs, notes
+
+
+def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetune"] = "head",
+                 ladder: Sequence[int] | None = None, k_shot: bool = False, num_seeds: int = 3,
+                 data: str | None = None, epochs: int = 50, patience: int = 5, scratch_lr: float = 1e-3,
+                 keep: bool = False, overwrite: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Adapts `base` and `random:base` at every rung and seed; writes leverage.json and leverage.png in
+    `out` and returns what leverage.json holds (plus `text`, the printed table with its notes)."""
+    if base.startswith("random:"):
+        raise SelfsupError(f"{base}: leverage compares a pretrained base with its random twin; give the run itself")
+    if num_seeds < 1:
+        raise SelfsupError(f"--seeds must be at least 1, got {num_seeds}")
+    out = Path(out)
+    if (out / LEVERAGE_JSON).exists() and not overwrite:
+        raise SelfsupError(f"{out / LEVERAGE_JSON}: exists; pass --overwrite or choose another --out")
+    configs = {"pretrained": AdaptConfig(mode=mode, epochs=epochs, patience=patience),
+               "scratch": AdaptConfig(mode="finetune", epochs=epochs, patience=patience, lr=scratch_lr, layer_decay=1.0)}
+    for cfg in configs.values():
+        cfg.validate()
+    run_cfg, train, rows = _labelled_training(base, data)
+    rungs, notes = resolve_ladder(ladder, train.labels[rows], k_shot)
+    for note in notes:
+        log.warning("leverage: %s", note)
+    runtime = runtime or init_runtime("auto", "auto")
+    bases = {"pretrained": base, "scratch": f"random:{base}"}
+    accuracy: dict[str, list[list[float]]] = {side: [] for side in SIDES}
+    runs: list[dict] = []
+    out.mkdir(parents=True, exist_ok=True)
+    scratch_dir = None if keep else tempfile.TemporaryDirectory(prefix="selfsup-leverage-")
+    root = out / "runs" if keep else Path(scratch_dir.name)
+    log.info("leverage of %s on %s: %d rungs x %d seeds x 2 sides; %s", base, run_cfg.data.source, len(rungs),
+             num_seeds, SCRATCH_NOTE)
+    try:
+        for i, rung in enumerate(rungs, 1):
+            budget = {k: rung[k] for k in ("label_fraction", "k_shot") if k in rung}
+            for side in SIDES:
+                accuracy[side].append([])
+            for seed in range(num_seeds):
+                for side in SIDES:
+                    cfg = AdaptConfig(**{**asdict(configs[side]), **budget, "seed": seed})
+                    task_dir = root / f"{side}-n{rung['num_labels']}-s{seed}"
+                    metrics = adapt(bases[side], task_dir, cfg, data=data, runtime=runtime, overwrite=overwrite)
+                    if not keep:
+                        shutil.rmtree(task_dir, ignore_errors=True)
+                    accuracy[side][-1].append(metrics["test_acc"])
+                    runs.append({"side": side, "num_labels": rung["num_labels"], "seed": seed,
+                                 **{k: metrics[k] for k in ("test_acc", "val_acc", "epochs", "num_train_labels",
+                                                            "num_val", "num_test")},
+                                 "dir": str(task_dir) if keep else None})
+            shown = "; ".join(f"{side} " + " ".join(f"{a * 100:.1f}" for a in accuracy[side][-1]) + " %" for side in SIDES)
+            log.info("leverage rung %d/%d, %d labels: %s", i, len(rungs), rung["num_labels"], shown)
+    finally:
+        if scratch_dir is not None:
+            scratch_dir.cleanup()
+    counts = [r["num_labels"] for r in rungs]
+    table = leverage_table(counts, accuracy["pretrained"], accuracy["scratch"])
+    plot_leverage(table, out / LEVERAGE_PNG)
+    header = (f"label leverage of {base} ({mode}) over {'k per class' if k_shot else 'total labels'}, "
+              f"{num_seeds} seed(s) per rung, {run_cfg.data.source}\n{SCRATCH_NOTE}")
+    result = {
+        "base": base, "data": run_cfg.data.source, "ladder": counts, "rungs": rungs, "notes": notes,
+        "settings": {"mode": mode, "k_shot_ladder": k_shot, "num_seeds": num_seeds, "epochs": epochs,
+                     "patience": patience, "scratch_lr": scratch_lr, "scratch_base": bases["scratch"],
+                     "scratch_mode": "finetune", "scratch_layer_decay": 1.0, "scratch_note": SCRATCH_NOTE,
+                     "pretrained_adapt": asdict(configs["pretrained"]), "scratch_adapt": asdict(configs["scratch"])},
+        "table": table, "accuracies": accuracy, "runs": runs,
+    }
+    (out / LEVERAGE_JSON).write_text(json.dumps(result, indent=1))
+    result["text"] = "\n".join([header, *(f"note: {n}" for n in notes), format_leverage(table)])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Select
+
+
+def _modality(meta: dict[str, Any]) -> str:
+    return meta["preprocess"].get("modality", "image")
+
+
+def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, scores: Sequence[str] = SCORES,
+                 budget_s: float | None = 60.0, max_samples: int = 2000, validate: bool = False,
+                 mode: Literal["head", "lora", "finetune"] = "head", epochs: int = 50, patience: int = 5,
+                 seed: int = 0, keep: bool = False, overwrite: bool = False,
+                 runtime: Runtime | None = None) -> dict[str, Any]:
+    """Ranks `bases` by frozen-feature scores on a labelled sample of the data; with `validate`, also
+    adapts each and measures how well each score predicted the ranking. Writes `out`/select.json and
+    returns its content (plus `text`, what to print)."""
+    bases = list(bases)
+    if not bases:
+        raise SelfsupError("--bases: give at least one candidate run directory (or random:RUN)")
+    if len(set(bases)) != len(bases):
+        raise SelfsupError(f"--bases lists a base twice: {bases}")
+    if max_samples < 2:
+        raise SelfsupError(f"--max-samples must be at least 2, got {max_samples}")
+    out = Path(out)
+    if (out / SELECT_JSON).exists() and not overwrite:
+        raise SelfsupError(f"{out / SELECT_JSON}: exists; pass --overwrite or choose another --out")
+    adapt_cfg = AdaptConfig(mode=mode, epochs=epochs, patience=patience, seed=seed)
+    adapt_cfg.validate()
+    loaded = {name: load_base(name) for name in bases}
+    first_of: dict[str, str] = {}
+    for name, (_, meta, _) in loaded.items():
+        first_of.setdefault(_modality(meta), name)
+    if len(first_of) > 1:
+        shown = ", ".join(f"{name} is {modality}" for modality, name in first_of.items())
+        raise SelfsupError(f"the bases must share a modality to be compared on one data set: {shown}")
+    modality = next(iter(first_of))
+    run_cfg, train, rows = _labelled_training(bases[0], data)
+    source = run_cfg.data.source
+    labels = train.labels[rows]
+    if len(rows) > max_samples:
+        rows = rows[torch.from_numpy(stratified_fraction(labels, max_samples / len(rows), seed))]
+        labels = train.labels[rows]
+    runtime = runtime or init_runtime("auto", "auto")
+    features, embed_seconds = {}, {}
+    for name, (encoder, meta, tokenizer) in loaded.items():
+        began = time.perf_counter()
+        pre = meta["preprocess"]
+        if modality == "text":
+            # One block per document, as `adapt` feeds it: the scores should predict what adapt reaches.
+            texts = [train.texts[i] for i in rows.tolist()]
+            feats = text_features(encoder, tokenizer, texts, int(pre["seq_len"]), runtime.device,
+                                  runtime.autocast_dtype, max_chunks=1)
+        else:
+            feats = encoder_features(encoder.to(runtime.device), train.images[rows], pre, runtime.device,
+                                     runtime.autocast_dtype)
+        features[name] = feats.numpy()
+        embed_seconds[name] = time.perf_counter() - began
+        log.info("select: embedded %d rows with %s in %.2f s", len(rows), name, embed_seconds[name])
+    ranking = score_bases(features, labels.numpy(), scores=scores, budget_s=budget_s, seed=seed)
+    lines = [f"{len(bases)} base(s) on {len(rows)} labelled training rows of {source}"
+             + (f", budget {budget_s:g} s" if budget_s is not None else ""), format_ranking(ranking)]
+    result: dict[str, Any] = {"bases": bases, "data": source, "modality": modality, "num_samples": len(rows),
+                              "num_classes": int(torch.unique(labels).numel()), "scores": list(scores),
+                              "budget_s": budget_s, "embed_seconds": embed_seconds, "ranking": ranking}
+    if validate:
+        result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime)
+        lines += _format_validation(result["validation"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SELECT_JSON).write_text(json.dumps(result, indent=1))
+    result["text"] = "\n".join(lines)
+    return result
+
+
+def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: str, out: Path, keep: bool,
+              overwrite: bool, runtime: Runtime) -> dict[str, Any]:
+    """Adapts every base on `source` and returns accuracies and each score's Kendall tau against them."""
+    accuracy: dict[str, float] = {}
+    scratch_dir = None if keep else tempfile.TemporaryDirectory(prefix="selfsup-select-")
+    root = out / "adapt" if keep else Path(scratch_dir.name)
+    try:
+        for i, name in enumerate(bases):
+            label = ("random-" if name.startswith("random:") else "") + Path(name.removeprefix("random:")).name
+            # `source` for every base, not each base's own data: the accuracies must be on the same rows.
+            metrics = adapt(name, root / f"{i}-{label}", cfg, data=source, runtime=runtime, overwrite=overwrite)
+            accuracy[name] = metrics["test_acc"]
+            log.info("select: %s adapted (%s) to test accuracy %.4f", name, cfg.mode, accuracy[name])
+    finally:
+        if scratch_dir is not None:
+            scratch_dir.cleanup()
+    taus = score_accuracy_tau(ranking, accuracy)
+    undefined = {s: "a score or the accuracies are all equal: no order to compare" for s, t in taus.items()
+                 if t is not None and math.isnan(t)}
+    undefined.update({s: "computed for fewer than two bases (budget)" for s, t in taus.items() if t is None})
+    return {"mode": cfg.mode, "adapt": asdict(cfg), "accuracy": accuracy,
+            "tau": {s: None if t is None or math.isnan(t) else t for s, t in taus.items()}, "tau_undefined": undefined}
+
+
+def _format_validation(validation: dict[str, Any]) -> list[str]:
+    width = max(len(name) for name in validation["accuracy"])
+    lines = [f"adapted ({validation['mode']}) test accuracy:"]
+    lines += [f"  {name.ljust(width)}  {acc * 100:.1f} %" for name, acc in validation["accuracy"].items()]
+    taus = [f"{s} {'n/a' if t is None else f'{t:+.2f}'}" for s, t in validation["tau"].items()]
+    lines.append("Kendall tau, score vs accuracy (1 = same order as adaptation): " + ", ".join(taus))
+    lines += [f"  {s}: {why}" for s, why in validation["tau_undefined"].items()]
+    return lines
