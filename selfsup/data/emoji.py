@@ -43,20 +43,18 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image, ImageDraw, ImageFont, features
 
 from selfsup.data.builtin import cache_dir
-from selfsup.data.decode import _BadFilePolicy
 from selfsup.data.glyph_sources import _dpkg_files
 # The glyphs built-in's progress bar and atomic folder swap, shared rather than copied.
-from selfsup.data.images import ImageSet, images_from_array
-from selfsup.data.prepared import ProgressBar, chmod_like_mkdir, debian_package_versions, read_stamp, swap_into_place
+from selfsup.data.images import ImageSet
+from selfsup.data.prepared import load_prepared, ProgressBar, chmod_like_mkdir, debian_package_versions, read_stamp, swap_into_place
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -459,39 +457,5 @@ def load_emoji(image_size: int, channels: int = 3) -> ImageSet:
     Labels, classes, ids and groups are exactly what `load_image_source` makes of the manifest; the
     pixels come from pixels.npz when it matches the manifest row for row, else from the PNGs.
     """
-    # sources imports images, which imports builtin, which imports this module only lazily
-    from selfsup.data.sources import _cell, _load_manifest, _read_manifest_rows, _sorted_classes
-
-    folder = emoji_dir()
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        _, reason = emoji_status()
-        raise SelfsupError(f"the emoji dataset is not prepared ({manifest} does not exist): {reason}")
-    rows, columns = _read_manifest_rows(manifest)
-    names = [_cell(row, "label") for _, row in rows]
-    pixels = _read_pixels(folder / PIXELS, [_cell(row, "path") for _, row in rows])
-    if pixels is None or not all(names) or not set(GROUP_COLUMNS) <= set(columns):  # edited by hand
-        data = _load_manifest(manifest, image_size, channels, _BadFilePolicy("error", 0.0), "label",
-                              list(GROUP_COLUMNS), progress=False)
-        return replace(data, source="builtin:emoji")
-    classes = _sorted_classes(set(names))
-    class_index = {name: i for i, name in enumerate(classes)}
-    groups = {column: [_cell(row, column) for _, row in rows] for column in GROUP_COLUMNS}
-    return ImageSet(images=images_from_array(pixels.transpose(0, 3, 1, 2), image_size, channels),  # [N, 3, S, S]
-                    ids=[_cell(row, "path") for _, row in rows],
-                    labels=torch.tensor([class_index[name] for name in names], dtype=torch.long),
-                    classes=classes, groups=groups, source="builtin:emoji")
-
-
-def _read_pixels(path: Path, manifest_paths: list[str]) -> np.ndarray | None:
-    """uint8 [N, S, S, 3] in manifest order, or None when absent, unreadable or out of step with it."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            x, paths = archive["x"], archive["path"]
-    except Exception as err:  # missing, truncated, wrong keys: all mean "decode the PNGs instead"
-        logger.info("not using %s (%s); decoding the PNGs instead", path, err)
-        return None
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or paths.tolist() != manifest_paths:
-        logger.info("%s does not match %s row for row; decoding the PNGs instead", path, MANIFEST)
-        return None
-    return np.ascontiguousarray(x)
+    _, reason = emoji_status()
+    return load_prepared(emoji_dir(), MANIFEST, PIXELS, list(GROUP_COLUMNS), image_size, channels, "emoji", reason)

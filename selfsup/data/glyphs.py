@@ -33,20 +33,18 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image, features
 
 from selfsup.data.builtin import cache_dir
-from selfsup.data.decode import _BadFilePolicy
 from selfsup.data.glyph_sources import (FONT_PACKAGE, INSTALL_COMMAND, RENDERER_VERSION, GlyphRenderer, ScriptTable,
                                         find_fonts, find_scripts_file, package_versions, parse_scripts)
-from selfsup.data.images import ImageSet, images_from_array
-from selfsup.data.prepared import ProgressBar, chmod_like_mkdir, read_stamp, swap_into_place
+from selfsup.data.images import ImageSet
+from selfsup.data.prepared import load_prepared, ProgressBar, chmod_like_mkdir, read_stamp, swap_into_place
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -315,40 +313,5 @@ def load_glyphs(image_size: int, channels: int = 3) -> ImageSet:
     Labels, classes, ids and groups are exactly what `load_image_source` makes of the manifest; the
     pixels come from pixels.npz when it matches the manifest row for row, else from the PNGs.
     """
-    # sources imports images, which imports builtin, which imports this module only lazily
-    from selfsup.data.sources import _cell, _load_manifest, _read_manifest_rows, _sorted_classes
-
-    folder = glyphs_dir()
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        _, reason = glyphs_status()
-        raise SelfsupError(f"the glyphs dataset is not prepared ({manifest} does not exist): {reason}")
-    rows, columns = _read_manifest_rows(manifest)
-    names = [_cell(row, "label") for _, row in rows]
-    pixels = _read_pixels(folder / PIXELS, [_cell(row, "path") for _, row in rows])
-    if pixels is None or not all(names) or "family" not in columns:  # edited by hand: read it like any manifest
-        data = _load_manifest(manifest, image_size, channels, _BadFilePolicy("error", 0.0), "label", ["family"],
-                              progress=False)
-        return replace(data, source="builtin:glyphs")
-    classes = _sorted_classes(set(names))
-    class_index = {name: i for i, name in enumerate(classes)}
-    N, S, _ = pixels.shape
-    return ImageSet(images=images_from_array(pixels.reshape(N, 1, S, S), image_size, channels),
-                    ids=[_cell(row, "path") for _, row in rows],
-                    labels=torch.tensor([class_index[name] for name in names], dtype=torch.long),
-                    classes=classes, groups={"family": [_cell(row, "family") for _, row in rows]},
-                    source="builtin:glyphs")
-
-
-def _read_pixels(path: Path, manifest_paths: list[str]) -> np.ndarray | None:
-    """uint8 [N, S, S] in manifest order, or None when absent, unreadable or out of step with it."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            x, paths = archive["x"], archive["path"]
-    except Exception as err:  # missing, truncated, wrong keys: all mean "decode the PNGs instead"
-        logger.info("not using %s (%s); decoding the PNGs instead", path, err)
-        return None
-    if x.dtype != np.uint8 or x.ndim != 3 or paths.tolist() != manifest_paths:
-        logger.info("%s does not match %s row for row; decoding the PNGs instead", path, MANIFEST)
-        return None
-    return x
+    _, reason = glyphs_status()
+    return load_prepared(glyphs_dir(), MANIFEST, PIXELS, ["family"], image_size, channels, "glyphs", reason)

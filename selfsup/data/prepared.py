@@ -11,7 +11,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfsup.errors import SelfsupError
 
 log = logging.getLogger("selfsup")
 
@@ -87,3 +94,48 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def load_prepared(folder: Path, manifest: str, pixels: str, group_columns: list[str], image_size: int, channels: int,
+                  name: str, not_prepared: str) -> Any:
+    """A prepared image dataset (an ImageSet) read back from `folder`: labels, classes, ids and groups
+    exactly as `load_image_source` makes them of the manifest; the pixels from the `pixels` .npz when
+    it matches the manifest row for row, else decoded from the PNGs (a manifest edited by hand).
+    `not_prepared` says what to run when the manifest is missing."""
+    # sources imports images, which imports builtin, which imports the dataset modules only lazily
+    from selfsup.data.decode import _BadFilePolicy
+    from selfsup.data.images import ImageSet, images_from_array
+    from selfsup.data.sources import _cell, _load_manifest, _read_manifest_rows, _sorted_classes
+
+    path = folder / manifest
+    if not path.is_file():
+        raise SelfsupError(f"the {name} dataset is not prepared ({path} does not exist): {not_prepared}")
+    rows, columns = _read_manifest_rows(path)
+    names = [_cell(row, "label") for _, row in rows]
+    x = _read_pixels(folder / pixels, [_cell(row, "path") for _, row in rows], manifest)
+    if x is None or not all(names) or not set(group_columns) <= set(columns):
+        data = _load_manifest(path, image_size, channels, _BadFilePolicy("error", 0.0), "label", group_columns,
+                              progress=False)
+        return replace(data, source=f"builtin:{name}")
+    classes = _sorted_classes(set(names))
+    class_index = {label: i for i, label in enumerate(classes)}
+    images = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # [N, C, S, S] from grey [N, S, S] or RGB [N, S, S, 3]
+    return ImageSet(images=images_from_array(np.ascontiguousarray(images), image_size, channels),
+                    ids=[_cell(row, "path") for _, row in rows],
+                    labels=torch.tensor([class_index[label] for label in names], dtype=torch.long),
+                    classes=classes, groups={c: [_cell(row, c) for _, row in rows] for c in group_columns},
+                    source=f"builtin:{name}")
+
+
+def _read_pixels(path: Path, manifest_paths: list[str], manifest: str) -> np.ndarray | None:
+    """uint8 [N, S, S] or [N, S, S, 3] in manifest order, or None when absent, unreadable or out of step with it."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            x, paths = archive["x"], archive["path"]
+    except Exception as err:  # missing, truncated, wrong keys: all mean "decode the PNGs instead"
+        log.info("not using %s (%s); decoding the PNGs instead", path, err)
+        return None
+    if x.dtype != np.uint8 or not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] == 3)) or paths.tolist() != manifest_paths:
+        log.info("%s does not match %s row for row; decoding the PNGs instead", path, manifest)
+        return None
+    return x
