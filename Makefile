@@ -62,6 +62,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/threads.py | tee runs/bench.jsonl
 	$(BIN)/python bench/augment.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
+	$(BIN)/python bench/text.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/objectives.py | tee -a runs/bench.jsonl
 
 clean:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from selfsup.nn.losses import linear_cross_entropy
 
 
 @dataclass
@@ -49,7 +52,13 @@ class NextToken(nn.Module):
                               position_ids=batch.get("position_ids"))  # [B, L, D]
         targets, valid = next_token_targets(input_ids, batch.get("document_ids"), batch.get("token_mask"),
                                             self.cfg.ignore_cross_document)
-        logits = self.encoder.lm_head(hidden[:, :-1][valid])  # [num_valid, V]
-        loss = F.cross_entropy(logits.float(), targets[valid])
+        positions = hidden[:, :-1][valid]  # [num_valid, D]
+        if torch.is_autocast_enabled(positions.device.type) and self.encoder.lm_transform is None:
+            # Under bf16 the full float32 logits cost more than they compute (nn/losses.py).
+            loss, accuracy = linear_cross_entropy(positions, self.encoder.output_embedding(), targets[valid],
+                                                  self.encoder.lm_bias)
+            return {"loss": loss, "next_token_acc": accuracy}
+        logits = self.encoder.lm_head(positions).float()  # [num_valid, V]
+        loss = F.cross_entropy(logits, targets[valid])
         accuracy = (logits.argmax(dim=-1) == targets[valid]).float().mean()
         return {"loss": loss, "next_token_acc": accuracy.detach()}
