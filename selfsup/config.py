@@ -253,10 +253,24 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = (), 
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)
+    _rename_old_keys(tree)
     cfg = from_dict(RunConfig, tree)
     _apply_method_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+# Keys renamed since runs were first written: (section, old, new). Old run directories keep loading.
+_RENAMED = (("train", "knn_every", "eval_every"),)
+
+
+def _rename_old_keys(tree: dict[str, Any]) -> None:
+    for section, old, new in _RENAMED:
+        values = tree.get(section)
+        if isinstance(values, dict) and old in values:
+            if new in values:
+                raise SelfsupError(f"`{section}.{old}` is the old name of `{section}.{new}`; give only `{section}.{new}`")
+            values[new] = values.pop(old)
 
 
 def _apply_method_defaults(cfg: RunConfig) -> None:

@@ -78,3 +78,11 @@ def test_override_syntax():
     assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
     with pytest.raises(SelfsupError, match="section.key=value"):
         parse_override("train.steps")
+
+
+def test_a_run_written_before_a_key_was_renamed_still_loads(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  knn_every: 7\n")
+    assert load_config(old).train.eval_every == 7
+    with pytest.raises(SelfsupError, match="eval_every"):
+        load_config(old, ["train.eval_every=3"])
