@@ -49,6 +49,7 @@ from selfsup.train.runtime import Runtime
 
 log = logging.getLogger("selfsup")
 
+_MIN_HEAD_STEPS = 20  # head mode: at least this many optimizer steps per epoch
 TASK_WEIGHTS, ADAPTER_WEIGHTS, TASK_META, METRICS = "task.safetensors", "adapter.safetensors", "task.json", "metrics.json"
 
 
@@ -58,7 +59,7 @@ class AdaptConfig:
     head: Literal["linear", "mlp"] = "linear"  # mlp = one hidden layer of the encoder's width, GELU
     label_fraction: float = 1.0  # of the training rows' labels (stratified); ignored when k_shot is set
     k_shot: int | None = None  # examples per class instead of a fraction
-    epochs: int = 50  # at most this many passes over the labelled rows
+    epochs: int = 50  # at most this many epochs (head mode: an epoch is at least 20 steps of passes over the labels)
     patience: int = 5  # stop after this many epochs without a better validation accuracy
     batch_size: int = 64
     lr: float | None = None  # None = 1e-3 for head, 5e-4 for lora, 1e-4 for finetune
@@ -255,7 +256,10 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
         group.setdefault("lr", lr)
         group["base_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    steps_per_epoch = max(1, math.ceil(len(train_y) / cfg.batch_size))
+    # A head on frozen features is cheap per step but, with a few dozen labels, one pass is one
+    # step: an "epoch" then takes several passes, so early stopping judges a head that trained.
+    passes = max(1, math.ceil(_MIN_HEAD_STEPS * cfg.batch_size / len(train_y))) if frozen_features else 1
+    steps_per_epoch = max(1, math.ceil(passes * len(train_y) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)
     best_acc, best_state, best_epoch, history, step = -1.0, None, 0, [], 0
@@ -263,7 +267,7 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
         model.train()
         if frozen_features:
             model.encoder.eval()
-        order = torch.randperm(len(train_y), generator=generator)
+        order = torch.cat([torch.randperm(len(train_y), generator=generator) for _ in range(passes)])
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             index = order[start : start + cfg.batch_size]
