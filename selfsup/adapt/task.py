@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -210,25 +211,22 @@ def label_budget(labels: Tensor, cfg: AdaptConfig) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _features(model: TaskModel, inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
-    model.encoder.eval()
+def _batched(fn: Callable[..., Tensor], inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
+    """fn(*embed inputs) over every row in batches, as float32 on the CPU."""
     out = []
     for start in range(0, len(inputs), batch_size):
         index = torch.arange(start, min(start + batch_size, len(inputs)))
         with runtime.autocast():
-            out.append(model.encoder.embed(*inputs.batch(index, runtime.device)).float().cpu())
+            out.append(fn(*inputs.batch(index, runtime.device)).float().cpu())
     return torch.cat(out)
 
 
-@torch.no_grad()
-def predict_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
-    model.eval()
-    out = []
-    for start in range(0, len(inputs), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(inputs)))
-        with runtime.autocast():
-            out.append(model(*inputs.batch(index, runtime.device)).float().cpu())
-    return torch.cat(out)
+def _features(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> Tensor:
+    return _batched(model.encoder.eval().embed, inputs, runtime)
+
+
+def predict_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> Tensor:
+    return _batched(model.eval(), inputs, runtime)
 
 
 def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskInputs, val_y: Tensor, cfg: AdaptConfig,
