@@ -28,6 +28,7 @@ EXIT_BAD_INPUT = 2
 PREPARABLE = ("glyphs", "emoji", "manpages")
 # Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
 SELECT_SCORES = ("logme", "knn", "linear_cv")
+TEXT_CHUNKS_HELP = "text: a document is the mean of its first N blocks of the base's seq_len tokens (default 4, as probe)"
 
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
@@ -91,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Turn a pretraining run's encoder into a classifier on the labelled rows of its data "
                        "(or --data): a linear/MLP head on the frozen encoder, LoRA adapters + head, or a full fine-tune "
                        "with layer-wise learning-rate decay. Scored on the run's held-out rows; early stopping on a "
-                       "validation tenth of the labels. `random:RUN` adapts the same architecture from scratch.")
-    p.add_argument("base", help="a pretraining run directory, or random:RUN for its architecture freshly initialised")
+                       "validation tenth of the labels. `random:RUN` adapts the same architecture from scratch; `hf:DIR` adapts a "
+                       "local Hugging Face text encoder (with --data).")
+    p.add_argument("base", help="a pretraining run directory, hf:DIR (a local Hugging Face folder), or random:RUN / "
+                   "random:hf:DIR for the architecture freshly initialised")
     p.add_argument("--out", type=Path, required=True, help="task run directory to write")
     p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="what trains (default head)")
     p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the classifier head (default linear)")
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--layer-decay", type=float, default=0.75, help="finetune: lr factor per layer below the top")
+    p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing task run in --out")
 
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "fine-tuned: a frozen random encoder is not supervised training from scratch) at each label count "
                        "of a ladder, for a few seeds; print how many labels scratch needs to match pretrained at each "
                        "count, and write leverage.json and leverage.png in --out.")
-    p.add_argument("base", help="a pretraining run directory")
+    p.add_argument("base", help="a pretraining run directory or hf:DIR")
     p.add_argument("--out", type=Path, required=True, help="folder for leverage.json, leverage.png (and runs/ with --keep)")
     p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head",
                    help="how the pretrained base adapts (default head); the from-scratch side always fine-tunes")
@@ -126,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs per adapt run (default 50)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     p.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of the from-scratch side (default 1e-3)")
+    p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
     p.add_argument("--keep", action="store_true", help="keep every adapt run in OUT/runs/<side>-n<N>-s<seed>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing leverage.json (and kept runs) in --out")
 
@@ -134,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "them by LogME, kNN and linear-probe scores within a time budget; write select.json in --out. "
                        "--validate also adapts every base and reports each score's Kendall tau against the accuracy "
                        "reached. random:RUN adds the architecture untrained as a candidate.")
-    p.add_argument("--bases", nargs="+", required=True, help="pretraining run directories (or random:RUN), one modality")
+    p.add_argument("--bases", nargs="+", required=True,
+                   help="pretraining run directories, hf:DIR folders, or random: of either; one modality")
     p.add_argument("--data", help="labelled source (default: the first base's run data)")
     p.add_argument("--out", type=Path, default=Path("runs/select"), help="folder for select.json (default runs/select)")
     p.add_argument("--budget-s", type=float, default=60.0, help="seconds the scores may take in all (default 60)")
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="also adapt every base and compare the scores' order with it")
     p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="--validate: adapt mode (default head)")
     p.add_argument("--epochs", type=int, default=50, help="--validate: at most this many epochs (default 50)")
+    p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="--validate: keep the adapt runs in OUT/adapt/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing select.json (and kept runs) in --out")

@@ -92,7 +92,8 @@ def run_adapt(args: argparse.Namespace) -> None:
 
     cfg = AdaptConfig(mode=args.mode, head=args.head, label_fraction=args.label_fraction, k_shot=args.k_shot,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                      layer_decay=args.layer_decay, lora_rank=args.lora_rank, seed=args.seed)
+                      layer_decay=args.layer_decay, lora_rank=args.lora_rank, text_chunks=args.text_chunks,
+                      seed=args.seed)
     cfg.validate()
     metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite)
     print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f} ({metrics['num_test']} held-out rows), "
@@ -105,7 +106,8 @@ def run_leverage(args: argparse.Namespace) -> None:
 
     result = leverage(args.base, args.out, mode=args.mode, ladder=args.ladder, k_shot=args.k_shot_ladder,
                       num_seeds=args.seeds, data=args.data, epochs=args.epochs, patience=args.patience,
-                      scratch_lr=args.scratch_lr, keep=args.keep, overwrite=args.overwrite)
+                      scratch_lr=args.scratch_lr, text_chunks=args.text_chunks, keep=args.keep,
+                      overwrite=args.overwrite)
     print(result["text"])
     print(f"wrote {Path(args.out) / LEVERAGE_JSON} and {Path(args.out) / LEVERAGE_PNG}")
 
@@ -115,7 +117,7 @@ def run_select(args: argparse.Namespace) -> None:
 
     result = select_bases(args.bases, args.out, data=args.data, scores=args.scores, budget_s=args.budget_s,
                           max_samples=args.max_samples, validate=args.validate, mode=args.mode, epochs=args.epochs,
-                          seed=args.seed, keep=args.keep, overwrite=args.overwrite)
+                          text_chunks=args.text_chunks, seed=args.seed, keep=args.keep, overwrite=args.overwrite)
     print(result["text"])
     print(f"wrote {Path(args.out) / SELECT_JSON}")
 

@@ -58,6 +58,46 @@ def raw_pixels(images: Tensor) -> Tensor:
 
 
 
+def document_chunks(tokenizer: TextTokenizer, texts: list[str], seq_len: int,
+                    max_chunks: int) -> tuple[list[list[int]], list[int]]:
+    """(chunks, owner): each document's first `max_chunks` chunks of at most `seq_len` token ids,
+    wrapped with the tokenizer's bounds as in training (an empty document gives one chunk of bounds),
+    and the index of the document each chunk belongs to; a document's chunks are consecutive."""
+    if max_chunks < 1:
+        raise SelfsupError(f"max_chunks must be at least 1, got {max_chunks}")
+    bos, eos = tokenizer.packing_bounds
+    head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
+    body = seq_len - len(head) - len(tail)
+    if body < 1:
+        raise SelfsupError(f"seq_len={seq_len} leaves no room for text between the tokenizer's bounds")
+    chunks: list[list[int]] = []
+    owner: list[int] = []
+    for index, ids in enumerate(tokenizer.encode_batch(texts)):
+        for start in range(0, max(len(ids), 1), body)[:max_chunks]:
+            chunks.append(head + ids[start : start + body] + tail)
+            owner.append(index)
+    return chunks, owner
+
+
+def pad_chunks(chunks: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids [K, L], real-token mask [K, L]) of right-padded chunks, L the longest chunk."""
+    L = max(len(c) for c in chunks)
+    ids = torch.full((len(chunks), L), pad_id, dtype=torch.long)
+    real = torch.zeros(len(chunks), L, dtype=torch.bool)
+    for row, chunk in enumerate(chunks):
+        ids[row, : len(chunk)] = torch.tensor(chunk)
+        real[row, : len(chunk)] = True
+    return ids, real
+
+
+def mean_by_owner(per_chunk: Tensor, owner: Tensor, num_docs: int) -> Tensor:
+    """[num_docs, D]: the mean of each document's chunk embeddings [K, D] (owner [K] indexes documents)."""
+    sums = torch.zeros(num_docs, per_chunk.shape[1], dtype=per_chunk.dtype, device=per_chunk.device)
+    sums = sums.index_add(0, owner, per_chunk)
+    counts = torch.bincount(owner, minlength=num_docs).clamp_min(1)
+    return sums / counts.unsqueeze(1).to(per_chunk.dtype)
+
+
 @torch.no_grad()
 def text_features(encoder: nn.Module, tokenizer: TextTokenizer, texts: list[str], seq_len: int, device: torch.device,
                   autocast_dtype: torch.dtype | None, max_chunks: int = 4, batch_size: int = 64) -> Tensor:
@@ -65,31 +105,12 @@ def text_features(encoder: nn.Module, tokenizer: TextTokenizer, texts: list[str]
     document's first `max_chunks` chunks of `seq_len` tokens (bounds included, padding masked)."""
     if not texts:
         raise SelfsupError("text_features got no documents: the dataset or split is empty")
-    bos, eos = tokenizer.packing_bounds
-    head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
-    body = seq_len - len(head) - len(tail)
-    if body < 1:
-        raise SelfsupError(f"seq_len={seq_len} leaves no room for text between the tokenizer's bounds")
-    chunks: list[list[int]] = []
-    owner: list[int] = []  # the document each chunk belongs to
-    for index, ids in enumerate(tokenizer.encode_batch(texts)):
-        for start in range(0, max(len(ids), 1), body)[:max_chunks]:
-            chunks.append(head + ids[start : start + body] + tail)
-            owner.append(index)
+    chunks, owner = document_chunks(tokenizer, texts, seq_len, max_chunks)
     encoder.eval().to(device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     pieces = []
     for start in range(0, len(chunks), batch_size):
-        batch = chunks[start : start + batch_size]
-        L = max(len(c) for c in batch)
-        ids = torch.full((len(batch), L), tokenizer.pad_id, dtype=torch.long)
-        real = torch.zeros(len(batch), L, dtype=torch.bool)
-        for row, chunk in enumerate(batch):
-            ids[row, : len(chunk)] = torch.tensor(chunk)
-            real[row, : len(chunk)] = True
+        ids, real = pad_chunks(chunks[start : start + batch_size], tokenizer.pad_id)
         with autocast:
             pieces.append(encoder.embed(ids.to(device), attention_mask=real.to(device)).float().cpu())
-    per_chunk = torch.cat(pieces)  # [num_chunks, D]
-    owners = torch.tensor(owner)
-    sums = torch.zeros(len(texts), per_chunk.shape[1]).index_add_(0, owners, per_chunk)
-    return sums / torch.bincount(owners, minlength=len(texts)).unsqueeze(1).float()
+    return mean_by_owner(torch.cat(pieces), torch.tensor(owner), len(texts))

@@ -14,31 +14,17 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 
 from selfsup.adapt.frozen import labelled_rows
+from selfsup.adapt.bases import base_splits, load_base, rebuild_encoder
 from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskInputs, TaskModel,
-                                build_task_model, label_budget, load_base, predict_logits, train_task)
-from selfsup.config import load_config
+                                build_task_model, label_budget, predict_logits, train_task)
 from selfsup.data.images import ImageSet
 from selfsup.data.text import TextSet
 from selfsup.data.tokenizer import TextTokenizer
-from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
-from selfsup.train.pretrain import CONFIG_FILE, TOKENIZER_FILE, load_splits
+from selfsup.train.pretrain import TOKENIZER_FILE
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
-
-
-def _base_dir(base: str) -> Path:
-    return Path(base.removeprefix("random:"))
-
-
-def _splits(base: str, data: str | None):
-    run = _base_dir(base)
-    if not (run / CONFIG_FILE).is_file():
-        raise SelfsupError(f"{run / CONFIG_FILE}: not found; the base must be a selfsup run directory "
-                           "(its config gives the data split that pretraining did not see)")
-    cfg = load_config(run / CONFIG_FILE, [] if data is None else [f"data.source={data}"])
-    return cfg, *load_splits(cfg)
 
 
 def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, runtime: Runtime | None = None,
@@ -53,7 +39,7 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
             raise SelfsupError(f"{out}: not a selfsup task run (no {TASK_META}); refusing to delete it")
         shutil.rmtree(out)
     runtime = runtime or init_runtime("auto", "auto")
-    run_cfg, train, holdout = _splits(base, data)
+    run_cfg, train, holdout = base_splits(base, data)
     encoder, meta, tokenizer = load_base(base)
     train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
     fit_idx, val_idx = label_budget(train.labels[train_rows], cfg)
@@ -61,7 +47,7 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
         raise SelfsupError("the label budget leaves no validation example; raise the label fraction or k_shot")
     num_classes = len(train.classes or []) or int(train.labels.max()) + 1
     model = build_task_model(encoder, num_classes, cfg)
-    parts = {name: TaskInputs(split, rows, meta, tokenizer) for name, split, rows in
+    parts = {name: TaskInputs(split, rows, meta, tokenizer, cfg.text_chunks) for name, split, rows in
              (("train", train, train_rows[fit_idx]), ("val", train, train_rows[val_idx]), ("test", holdout, test_rows))}
     log.info("adapt %s from %s: %d training labels, %d validation, %d test rows, %d classes",
              cfg.mode, base, len(parts["train"]), len(parts["val"]), len(parts["test"]), num_classes)
@@ -100,7 +86,7 @@ def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer 
             raise SelfsupError(f"{task_dir / name}: not found; is {task_dir} a `selfsup adapt` output?")
     try:
         task = json.loads((task_dir / TASK_META).read_text())
-        encoder = build_encoder(**task["encoder"])
+        encoder = rebuild_encoder(task["encoder"])
         model = TaskModel(encoder, len(task["classes"]), task["adapt"]["head"])
     except (ValueError, KeyError, TypeError) as err:
         raise SelfsupError(f"{task_dir / TASK_META}: not a valid task description ({err})") from None
@@ -117,10 +103,10 @@ def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runt
     columns) for the held-out rows of the task's data, or every row of `data`, as CSV."""
     model, task, tokenizer = load_task(task_dir)
     runtime = runtime or init_runtime("auto", "auto")
-    _, train, holdout = _splits(task["base"], data)
+    _, train, holdout = base_splits(task["base"], data or task["data"])
     split = holdout if data is None else _join(train, holdout)
     rows = torch.arange(len(split))
-    inputs = TaskInputs(split, rows, {"preprocess": task["preprocess"]}, tokenizer)
+    inputs = TaskInputs(split, rows, {"preprocess": task["preprocess"]}, tokenizer, task["adapt"].get("text_chunks", 1))
     probs = predict_logits(model.to(runtime.device), inputs, runtime).softmax(dim=1)
     classes = task["classes"]
     out = Path(out)

@@ -13,8 +13,10 @@ kept and training stops after `patience` epochs without improvement.
 The splits are the pretraining run's: the same `data.holdout_fraction` and seed give the same
 test rows, which pretraining never saw. The label budget (a fraction or k per class) is then drawn
 from the training rows (`adapt/sampling.py`: stratified, seeded, nested), and a tenth of those
-(at least one per class) validate. Text documents are cut to their first block of the base's
-`seq_len` tokens (pretraining's block length); images are prepared as `encoder.json` says.
+(at least one per class) validate. A text document is cut into blocks of the base's `seq_len`
+tokens (pretraining's block length) and its feature is the mean of the embeddings of its first
+`text_chunks` blocks (4, as `selfsup probe`: a man page's first block is little more than its
+header); images are prepared as `encoder.json` says. Bases are resolved in `adapt/bases.py`.
 
 A task run directory holds `task.safetensors` (the whole classifier, LoRA merged in, so it loads
 with no adapter code), `adapter.safetensors` for `lora` runs (only the adapter and head tensors —
@@ -28,7 +30,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -36,15 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.adapt.frozen import prepare_images
+from selfsup.adapt.frozen import document_chunks, mean_by_owner, pad_chunks, prepare_images
 from selfsup.adapt.sampling import k_shot, stratified_fraction
 from selfsup.data.images import ImageSet
 from selfsup.data.split import holdout_mask
 from selfsup.data.text import TextSet
 from selfsup.data.tokenizer import TextTokenizer
-from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
-from selfsup.export.encoder import load_encoder
 from selfsup.train.optim import param_groups
 from selfsup.train.runtime import Runtime
 
@@ -69,6 +68,7 @@ class AdaptConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     val_fraction: float = 0.1  # of the labelled training rows, for early stopping
+    text_chunks: int = 4  # text: a document is the mean of its first this many blocks
     seed: int = 0
 
     def validate(self) -> None:
@@ -77,7 +77,7 @@ class AdaptConfig:
             raise SelfsupError(f"label fraction must be in (0, 1], got {self.label_fraction}")
         if self.k_shot is not None and self.k_shot < 2:
             raise SelfsupError(f"k-shot must be at least 2 (one example per class also has to validate), got {self.k_shot}")
-        for key in ("epochs", "patience", "batch_size", "lora_rank"):
+        for key in ("epochs", "patience", "batch_size", "lora_rank", "text_chunks"):
             if getattr(self, key) < 1:
                 raise SelfsupError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.lr is not None and self.lr <= 0:
@@ -94,24 +94,23 @@ class AdaptConfig:
 
 
 class TaskInputs:
-    """Prepared inputs of one split: images (uint8, prepared per batch) or token blocks (ids + mask)."""
+    """Prepared inputs of one split: images (uint8, prepared per batch) or documents as token blocks.
 
-    def __init__(self, data: ImageSet | TextSet, rows: Tensor, meta: dict[str, Any], tokenizer: TextTokenizer | None):
+    `batch(index)` gives what `TaskModel.pool` takes: `(images,)`, or `(ids [K, L], mask [K, L],
+    owner [K])` for the K blocks of the batch's documents, `owner` numbering the documents 0..B-1.
+    """
+
+    def __init__(self, data: ImageSet | TextSet, rows: Tensor, meta: dict[str, Any], tokenizer: TextTokenizer | None,
+                 text_chunks: int = 1):
         self.rows = rows
         self.meta = meta
         if isinstance(data, TextSet):
             assert tokenizer is not None
-            seq_len = int(meta["preprocess"]["seq_len"])
-            bos, eos = tokenizer.packing_bounds
-            head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
-            body = seq_len - len(head) - len(tail)
-            ids = tokenizer.encode_batch([data.texts[i] for i in rows.tolist()])
-            chunks = [head + doc[:body] + tail for doc in ids]
-            self.input_ids = torch.full((len(chunks), seq_len), tokenizer.pad_id, dtype=torch.long)
-            self.mask = torch.zeros(len(chunks), seq_len, dtype=torch.bool)
-            for i, chunk in enumerate(chunks):
-                self.input_ids[i, : len(chunk)] = torch.tensor(chunk)
-                self.mask[i, : len(chunk)] = True
+            chunks, owner = document_chunks(tokenizer, [data.texts[i] for i in rows.tolist()],
+                                            int(meta["preprocess"]["seq_len"]), text_chunks)
+            self.input_ids, self.mask = pad_chunks(chunks, tokenizer.pad_id)  # [K, L] over all documents
+            counts = torch.bincount(torch.tensor(owner), minlength=len(rows))
+            self.first_chunk = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [N + 1]
             self.images = None
         else:
             self.images = data.images[rows]
@@ -121,12 +120,15 @@ class TaskInputs:
         return len(self.rows)
 
     def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, ...]:
-        """The encoder's embed() arguments for the rows at `index`, on `device`."""
+        """The pooling inputs for the rows at `index`, on `device`."""
         if self.images is not None:
             return (prepare_images(self.images[index].to(device), self.meta["preprocess"]),)
-        mask = self.mask[index]
+        starts, ends = self.first_chunk[index], self.first_chunk[index + 1]
+        blocks = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
+        owner = torch.repeat_interleave(torch.arange(len(index)), ends - starts)
+        mask = self.mask[blocks]
         width = int(mask.sum(dim=1).max())  # trim the batch's common padding
-        return self.input_ids[index, :width].to(device), mask[:, :width].to(device)
+        return self.input_ids[blocks, :width].to(device), mask[:, :width].to(device), owner.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,33 +168,26 @@ class TaskModel(nn.Module):
     def classify(self, features: Tensor) -> Tensor:
         return self.head(self.norm(features.float()))
 
+    def pool(self, *inputs: Tensor) -> Tensor:
+        """Features [B, D] from `TaskInputs.batch`: embed(images), or the mean of each document's blocks."""
+        if len(inputs) == 1:
+            return self.encoder.embed(inputs[0])
+        ids, mask, owner = inputs
+        return mean_by_owner(self.encoder.embed(ids, mask), owner, int(owner[-1]) + 1)
+
     def forward(self, *inputs: Tensor) -> Tensor:
-        return self.classify(self.encoder.embed(*inputs))
+        return self.classify(self.pool(*inputs))
 
 
 def build_task_model(encoder: nn.Module, num_classes: int, cfg: AdaptConfig) -> TaskModel:
     """The classifier for `cfg.mode`: LoRA adapters are added (and the base frozen) for `lora`."""
     if cfg.mode == "lora":
-        from selfsup.adapt.lora import add_lora
+        from selfsup.adapt.lora import DEFAULT_TARGETS, add_lora
 
-        replaced = add_lora(encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        targets = getattr(encoder, "lora_targets", DEFAULT_TARGETS)  # Hugging Face bases name theirs
+        replaced = add_lora(encoder, targets=targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         log.info("LoRA rank %d on %d projections", cfg.lora_rank, len(replaced))
     return TaskModel(encoder, num_classes, cfg.head)
-
-
-def load_base(base: str) -> tuple[nn.Module, dict[str, Any], TextTokenizer | None]:
-    """(encoder, its encoder.json meta, tokenizer for text) from a selfsup run directory; `random:RUN`
-    builds the same architecture freshly initialised (the from-scratch baseline)."""
-    randomise = base.startswith("random:")
-    path = Path(base.removeprefix("random:"))
-    encoder, meta = load_encoder(path)
-    if randomise:
-        torch.manual_seed(0)
-        encoder = build_encoder(**meta["encoder"])
-    tokenizer = None
-    if meta["preprocess"].get("modality") == "text":
-        tokenizer = TextTokenizer.load(path / meta["preprocess"]["tokenizer"])
-    return encoder, meta, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +206,9 @@ def label_budget(labels: Tensor, cfg: AdaptConfig) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _batched(fn: Callable[..., Tensor], inputs: TaskInputs, runtime: Runtime, batch_size: int = 256) -> Tensor:
-    """fn(*embed inputs) over every row in batches, as float32 on the CPU."""
+def _batched(fn: Callable[..., Tensor], inputs: TaskInputs, runtime: Runtime) -> Tensor:
+    """fn(*pooling inputs) over every row in batches, as float32 on the CPU."""
+    batch_size = 256 if inputs.images is not None else 64  # a document is up to text_chunks blocks
     out = []
     for start in range(0, len(inputs), batch_size):
         index = torch.arange(start, min(start + batch_size, len(inputs)))
@@ -222,7 +218,8 @@ def _batched(fn: Callable[..., Tensor], inputs: TaskInputs, runtime: Runtime, ba
 
 
 def _features(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> Tensor:
-    return _batched(model.encoder.eval().embed, inputs, runtime)
+    model.encoder.eval()
+    return _batched(model.pool, inputs, runtime)
 
 
 def predict_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> Tensor:

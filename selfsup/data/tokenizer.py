@@ -68,6 +68,10 @@ class TextTokenizer:
         self.kind = kind
         # Special-token strings inside the text stay text (see the module docstring).
         self._tokenizer.encode_special_tokens = True
+        # A tokenizer.json from elsewhere may pad or truncate every encoding (all-MiniLM-L6-v2's pads to
+        # 128): selfsup blocks and pads documents itself, and `encode_batch` promises neither.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         required = SPECIAL if kind == "wordpiece" else BPE_SPECIAL
         missing = [token for token in required if tokenizer.token_to_id(token) is None]
         if missing:

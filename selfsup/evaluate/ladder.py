@@ -41,12 +41,11 @@ from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
 from selfsup.adapt.run import adapt
 from selfsup.adapt.sampling import k_shot as k_shot_rows
 from selfsup.adapt.sampling import stratified_fraction
-from selfsup.adapt.task import AdaptConfig, load_base
-from selfsup.config import load_config
+from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
+from selfsup.adapt.task import AdaptConfig
 from selfsup.errors import SelfsupError
 from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
 from selfsup.evaluate.transferability import SCORES, format_ranking, score_accuracy_tau, score_bases
-from selfsup.train.pretrain import CONFIG_FILE, load_splits
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
@@ -61,13 +60,8 @@ SCRATCH_NOTE = ("from scratch = random:BASE fine-tuned end to end (mode finetune
 
 
 def _labelled_training(base: str, data: str | None) -> tuple[Any, Any, torch.Tensor]:
-    """(run config, training split, indices of its labelled rows) of `base`'s data, or of `data`."""
-    run = Path(base.removeprefix("random:"))
-    if not (run / CONFIG_FILE).is_file():
-        raise SelfsupError(f"{run / CONFIG_FILE}: not found; {base} must be a selfsup pretraining run directory "
-                           "(or random:RUN of one)")
-    cfg = load_config(run / CONFIG_FILE, [] if data is None else [f"data.source={data}"])
-    train, _ = load_splits(cfg)
+    """(run config, training split, indices of its labelled rows) of the data `base` is judged on."""
+    cfg, train, _ = base_splits(base, data)
     return cfg, train, labelled_rows(train, "training")
 
 
@@ -136,7 +130,7 @@ def resolve_ladder(ladder: Sequence[int] | None, labels: torch.Tensor, k_shot: b
 def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetune"] = "head",
                  ladder: Sequence[int] | None = None, k_shot: bool = False, num_seeds: int = 3,
                  data: str | None = None, epochs: int = 50, patience: int = 5, scratch_lr: float = 1e-3,
-                 keep: bool = False, overwrite: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+                 text_chunks: int = 4, keep: bool = False, overwrite: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
     """Adapts `base` and `random:base` at every rung and seed; writes leverage.json and leverage.png in
     `out` and returns what leverage.json holds (plus `text`, the printed table with its notes)."""
     if base.startswith("random:"):
@@ -146,8 +140,9 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
     out = Path(out)
     if (out / LEVERAGE_JSON).exists() and not overwrite:
         raise SelfsupError(f"{out / LEVERAGE_JSON}: exists; pass --overwrite or choose another --out")
-    configs = {"pretrained": AdaptConfig(mode=mode, epochs=epochs, patience=patience),
-               "scratch": AdaptConfig(mode="finetune", epochs=epochs, patience=patience, lr=scratch_lr, layer_decay=1.0)}
+    configs = {"pretrained": AdaptConfig(mode=mode, epochs=epochs, patience=patience, text_chunks=text_chunks),
+               "scratch": AdaptConfig(mode="finetune", epochs=epochs, patience=patience, lr=scratch_lr, layer_decay=1.0,
+                                      text_chunks=text_chunks)}
     for cfg in configs.values():
         cfg.validate()
     run_cfg, train, rows = _labelled_training(base, data)
@@ -214,7 +209,7 @@ def _modality(meta: dict[str, Any]) -> str:
 def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, scores: Sequence[str] = SCORES,
                  budget_s: float | None = 60.0, max_samples: int = 2000, validate: bool = False,
                  mode: Literal["head", "lora", "finetune"] = "head", epochs: int = 50, patience: int = 5,
-                 seed: int = 0, keep: bool = False, overwrite: bool = False,
+                 text_chunks: int = 4, seed: int = 0, keep: bool = False, overwrite: bool = False,
                  runtime: Runtime | None = None) -> dict[str, Any]:
     """Ranks `bases` by frozen-feature scores on a labelled sample of the data; with `validate`, also
     adapts each and measures how well each score predicted the ranking. Writes `out`/select.json and
@@ -229,7 +224,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     out = Path(out)
     if (out / SELECT_JSON).exists() and not overwrite:
         raise SelfsupError(f"{out / SELECT_JSON}: exists; pass --overwrite or choose another --out")
-    adapt_cfg = AdaptConfig(mode=mode, epochs=epochs, patience=patience, seed=seed)
+    adapt_cfg = AdaptConfig(mode=mode, epochs=epochs, patience=patience, text_chunks=text_chunks, seed=seed)
     adapt_cfg.validate()
     loaded = {name: load_base(name) for name in bases}
     first_of: dict[str, str] = {}
@@ -251,10 +246,10 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
         began = time.perf_counter()
         pre = meta["preprocess"]
         if modality == "text":
-            # One block per document, as `adapt` feeds it: the scores should predict what adapt reaches.
+            # The blocks `adapt` feeds: the scores should predict what adapt reaches.
             texts = [train.texts[i] for i in rows.tolist()]
             feats = text_features(encoder, tokenizer, texts, int(pre["seq_len"]), runtime.device,
-                                  runtime.autocast_dtype, max_chunks=1)
+                                  runtime.autocast_dtype, max_chunks=adapt_cfg.text_chunks)
         else:
             feats = encoder_features(encoder.to(runtime.device), train.images[rows], pre, runtime.device,
                                      runtime.autocast_dtype)
@@ -284,7 +279,7 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
     root = out / "adapt" if keep else Path(scratch_dir.name)
     try:
         for i, name in enumerate(bases):
-            label = ("random-" if name.startswith("random:") else "") + Path(name.removeprefix("random:")).name
+            label = ("random-" if name.startswith(RANDOM_PREFIX) else "") + Path(name.split(":")[-1]).name
             # `source` for every base, not each base's own data: the accuracies must be on the same rows.
             metrics = adapt(name, root / f"{i}-{label}", cfg, data=source, runtime=runtime, overwrite=overwrite)
             accuracy[name] = metrics["test_acc"]

@@ -112,13 +112,37 @@ def test_resnet_refuses_lora(tmp_path):
 
 
 def test_task_inputs_trim_text_padding(text_run):
-    from selfsup.adapt.task import load_base
+    from selfsup.adapt.bases import load_base
     from selfsup.train.pretrain import load_splits
 
     encoder, meta, tokenizer = load_base(str(text_run))
     train, _ = load_splits(load_config(text_run / "config.yaml"))
     inputs = TaskInputs(train, torch.arange(4), meta, tokenizer)
-    ids, mask = inputs.batch(torch.arange(4), torch.device("cpu"))
+    ids, mask, owner = inputs.batch(torch.arange(4), torch.device("cpu"))
     assert ids.shape == mask.shape and ids.shape[1] <= 16 and bool(mask[:, 0].all())
     assert ids[mask].min() >= 0 and int(ids[0, 0]) == tokenizer.cls_id
+    assert owner.tolist() == [0, 1, 2, 3], "one block per document by default"
 
+
+def test_text_chunks_pool_matches_frozen_features(text_run):
+    """A document's feature in adapt is the mean over its first text_chunks blocks, exactly what
+    `text_features` (probe, select) computes, whatever order the batch takes the documents in."""
+    from selfsup.adapt.bases import load_base
+    from selfsup.adapt.frozen import text_features
+    from selfsup.adapt.task import TaskModel
+    from selfsup.train.pretrain import load_splits
+
+    encoder, meta, tokenizer = load_base(str(text_run))
+    train, _ = load_splits(load_config(text_run / "config.yaml"))
+    rows = torch.arange(6)
+    inputs = TaskInputs(train, rows, meta, tokenizer, text_chunks=3)
+    index = torch.tensor([4, 0, 5])
+    ids, mask, owner = inputs.batch(index, torch.device("cpu"))
+    counts = torch.bincount(owner).tolist()
+    assert len(counts) == 3 and all(1 <= c <= 3 for c in counts) and max(counts) > 1, "the documents span blocks"
+    model = TaskModel(encoder, 3, "linear").eval()
+    with torch.no_grad():
+        pooled = model.pool(ids, mask, owner)
+    expected = text_features(encoder, tokenizer, [train.texts[i] for i in index.tolist()], 16, torch.device("cpu"),
+                             None, max_chunks=3)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)

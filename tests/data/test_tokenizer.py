@@ -188,3 +188,16 @@ def test_load_or_train_trains_once_then_always_reuses_the_saved_file(tmp_path):
     assert again.encode_batch(corpus(10, seed=3)) == first.encode_batch(corpus(10, seed=3))
     with pytest.raises(SelfsupError, match=r"holds a wordpiece tokenizer but this run asks for bpe"):
         load_or_train_tokenizer(path, texts, "bpe", vocab_size=300)
+
+
+def test_a_foreign_tokenizer_that_pads_and_truncates_encodes_documents_whole(wordpiece, tmp_path):
+    """all-MiniLM-L6-v2's tokenizer.json pads every encoding to 128 and truncates: loaded here it must
+    do neither, since selfsup cuts documents into blocks and pads batches itself."""
+    inner = Tokenizer.from_str(wordpiece._tokenizer.to_str())
+    inner.enable_padding(length=32, pad_id=wordpiece.pad_id, pad_token="[PAD]")
+    inner.enable_truncation(max_length=8)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(inner.to_str())
+    texts = corpus(5, seed=3) + [" ".join(WORDS)]
+    assert TextTokenizer.load(path).encode_batch(texts) == wordpiece.encode_batch(texts)
+    assert max(len(ids) for ids in wordpiece.encode_batch(texts)) > 8
