@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages manpages-dev man-db bsdextrautils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test bench clean report-check
 
 setup: $(STAMP) | system-packages
 
@@ -67,3 +67,15 @@ bench: setup $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache
+
+# The report in a real browser (tests/report/test_browser.py, headless Chromium): installs the Debian
+# package chromium only where dpkg says it is missing; without apt-get the browser tests skip, saying why.
+report-check: setup
+	@if dpkg -s chromium >/dev/null 2>&1 || [ -n "$$SELFSUP_CHROMIUM" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser check of the HTML report"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; \
+	else \
+		echo "note: no apt-get here; install Chromium (or set SELFSUP_CHROMIUM to its binary) for the browser check"; \
+	fi
+	$(BIN)/python -m pytest -q tests/report/test_browser.py

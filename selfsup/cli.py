@@ -163,6 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled or unlabelled source to predict (default: the held-out rows)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: TASK/predictions.csv)")
 
+    p = sub.add_parser("evaluate", help="audit an adapted classifier per subgroup, find failing slices, diagnose features",
+                       description="Score a `selfsup adapt` output on its held-out rows (or every row of --data): "
+                       "accuracy, macro-F1 and calibration overall and per group with bootstrap intervals and "
+                       "Holm-corrected tests; clusters of the features that err significantly more than the rest; "
+                       "representation diagnostics; written to TASK/evaluation/. With --predictions CSV alone, "
+                       "only the subgroup audit of that CSV.")
+    p.add_argument("task", type=Path, nargs="?", help="a `selfsup adapt` output directory")
+    p.add_argument("--predictions", type=Path, help="audit this predictions CSV (selfsup predict's format) instead")
+    p.add_argument("--data", help="source to evaluate on instead of the task's held-out rows (all its rows)")
+    p.add_argument("--groups", nargs="+", default=None, help="group columns to audit (default: every one the data has)")
+    p.add_argument("--pairs", nargs="+", default=(), metavar="A:B", help="also audit combinations of two group columns")
+    p.add_argument("--min-n", type=int, default=30, help="groups smaller than this are flagged small (default 30)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm correction (default 0.05)")
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters for slice discovery (default ~sqrt(N/2))")
+    p.add_argument("--no-slices", action="store_true", help="skip slice discovery")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", help="one self-contained HTML report (and model card) of an adapted model or a run",
+                       description="For a task directory (after `selfsup evaluate`): subgroup audit with intervals, "
+                       "slices, embedding map, diagnostics, label leverage (--leverage), training curves, "
+                       "reconstructions and a model card, in TASK/report.html and TASK/MODEL_CARD.md. For a "
+                       "pretraining run: its report.html again. --check renders it in headless Chromium.")
+    p.add_argument("path", type=Path, help="a `selfsup adapt` output directory, or a pretraining run directory")
+    p.add_argument("--leverage", type=Path, default=None, help="a `selfsup leverage --out` folder to include")
+    p.add_argument("--check", action="store_true",
+                   help="render the report in headless Chromium, save report.png and fail if any figure did not load")
+
     p = sub.add_parser("export", help="export a text run as a Hugging Face model folder",
                        description="Write a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
                        "RoBERTa-PreLayerNorm) or AutoModelForCausalLM (next_token runs, as GPT-2) and AutoTokenizer "
@@ -265,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.commands import run_predict
 
             run_predict(args)
+        elif args.command == "evaluate":
+            from selfsup.commands import run_evaluate
+
+            run_evaluate(args)
+        elif args.command == "report":
+            from selfsup.commands import run_report
+
+            run_report(args)
         elif args.command == "export":
             from selfsup.commands import run_export
 

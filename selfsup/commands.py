@@ -129,6 +129,57 @@ def run_predict(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    from selfsup.evaluate.audit import EVAL_DIR, evaluate_predictions, evaluate_task
+    from selfsup.evaluate.subgroups import format_subgroups
+
+    pairs = []
+    for text in args.pairs:
+        a, sep, b = text.partition(":")
+        if not sep or not a or not b:
+            raise SelfsupError(f"--pairs {text}: write two group columns as A:B, e.g. skin_tone:subgroup")
+        pairs.append((a, b))
+    settings = {"group_columns": args.groups, "pairs": pairs, "min_n": args.min_n, "num_bootstrap": args.bootstrap,
+                "alpha": args.alpha, "seed": args.seed}
+    if args.predictions is not None:
+        if args.task is not None:
+            raise SelfsupError("give a TASK directory or --predictions CSV, not both")
+        print(format_subgroups(evaluate_predictions(args.predictions, **settings)))
+        print("note: slices and representation diagnostics need the task model's features: run `selfsup evaluate TASK`")
+        return
+    if args.task is None:
+        raise SelfsupError("give a TASK directory (a `selfsup adapt` output) or --predictions CSV")
+    result = evaluate_task(args.task, data=args.data, slices=not args.no_slices, num_clusters=args.clusters, **settings)
+    print(result["text"])
+    print(f"\nwrote {Path(args.task) / EVAL_DIR}/; next: selfsup report {args.task}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from selfsup.adapt.task import TASK_META
+
+    path = Path(args.path)
+    if (path / TASK_META).is_file():
+        from selfsup.report.task_report import write_task_report
+
+        report = write_task_report(path, leverage=args.leverage)
+    elif (path / "config.yaml").is_file():
+        from selfsup.report.html import write_report
+
+        if args.leverage is not None:
+            raise SelfsupError("--leverage goes with a task directory's report (selfsup adapt, evaluate, report TASK)")
+        results = json.loads((path / "results.json").read_text()) if (path / "results.json").is_file() else []
+        report = write_report(path, f"selfsup pretrain: {path}", results)
+    else:
+        raise SelfsupError(f"{path}: neither a `selfsup adapt` output ({TASK_META}) nor a pretraining run (config.yaml)")
+    print(f"wrote {report}")
+    if args.check:
+        from selfsup.report.browser import check_in_browser
+
+        checked = check_in_browser(report, report.with_suffix(".png"))
+        print(f"checked in {checked['browser']}: {checked['loaded']}/{checked['images']} figures loaded; "
+              f"screenshot {checked['screenshot']} ({checked['height']} px tall)")
+
+
 def run_export(args: argparse.Namespace) -> None:
     from selfsup.export.hf import export_hf
 

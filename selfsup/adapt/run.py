@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -74,7 +75,7 @@ def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, 
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
     task = {"base": base, "encoder": meta["encoder"], "preprocess": meta["preprocess"], "adapt": asdict(cfg),
-            "classes": classes, "data": source}
+            "classes": classes, "data": source, "num_params": sum(p.numel() for p in model.encoder.parameters())}
     (out / TASK_META).write_text(json.dumps(task, indent=1))
     (out / METRICS).write_text(json.dumps(metrics, indent=1))
 
@@ -98,20 +99,22 @@ def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer 
     return model.eval(), task, tokenizer
 
 
-def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runtime | None = None) -> Path:
-    """Writes predictions (id, label when known, prediction, confidence, per-class probabilities, group
-    columns) for the held-out rows of the task's data, or every row of `data`, as CSV."""
-    model, task, tokenizer = load_task(task_dir)
-    runtime = runtime or init_runtime("auto", "auto")
+def task_split(task: dict[str, Any], tokenizer: TextTokenizer | None,
+               data: str | None = None) -> tuple[ImageSet | TextSet, TaskInputs]:
+    """The rows a task model is scored on: its base's held-out rows, or every row of `data`."""
     _, train, holdout = base_splits(task["base"], data or task["data"])
     split = holdout if data is None else _join(train, holdout)
-    rows = torch.arange(len(split))
-    inputs = TaskInputs(split, rows, {"preprocess": task["preprocess"]}, tokenizer, task["adapt"].get("text_chunks", 1))
-    probs = predict_logits(model.to(runtime.device), inputs, runtime).softmax(dim=1)
-    classes = task["classes"]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
+    inputs = TaskInputs(split, torch.arange(len(split)), {"preprocess": task["preprocess"]}, tokenizer,
+                        task["adapt"].get("text_chunks", 1))
+    return split, inputs
+
+
+def write_predictions(path: Path, split: ImageSet | TextSet, probs: torch.Tensor, classes: list[str]) -> Path:
+    """The predictions CSV: id, label ("" when unknown), prediction, confidence, group columns, p_<class>."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         groups = list(split.groups)
         writer.writerow(["id", "label", "prediction", "confidence", *groups, *(f"p_{c}" for c in classes)])
@@ -120,8 +123,20 @@ def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runt
             best = int(probs[i].argmax())
             writer.writerow([split.ids[i], label, classes[best], f"{float(probs[i, best]):.6f}",
                              *(split.groups[g][i] for g in groups), *(f"{float(p):.6f}" for p in probs[i])])
+    os.replace(tmp, path)
+    return path
+
+
+def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runtime | None = None) -> Path:
+    """Writes predictions (id, label when known, prediction, confidence, per-class probabilities, group
+    columns) for the held-out rows of the task's data, or every row of `data`, as CSV."""
+    model, task, tokenizer = load_task(task_dir)
+    runtime = runtime or init_runtime("auto", "auto")
+    split, inputs = task_split(task, tokenizer, data)
+    probs = predict_logits(model.to(runtime.device), inputs, runtime).softmax(dim=1)
+    write_predictions(out, split, probs, task["classes"])
     log.info("wrote %d predictions to %s", len(split), out)
-    return out
+    return Path(out)
 
 
 def _join(a: ImageSet | TextSet, b: ImageSet | TextSet) -> ImageSet | TextSet:

@@ -226,6 +226,18 @@ def predict_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> Te
     return _batched(model.eval(), inputs, runtime)
 
 
+def features_and_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """(pooled encoder features [N, D], class logits [N, C]) in one pass: what evaluation audits."""
+    model.eval()
+
+    def both(*batch: Tensor) -> Tensor:
+        features = model.pool(*batch)
+        return torch.cat([features.float(), model.classify(features).float()], dim=1)
+
+    out = _batched(both, inputs, runtime)
+    return out[:, : model.encoder.dim], out[:, model.encoder.dim :]
+
+
 def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskInputs, val_y: Tensor, cfg: AdaptConfig,
                runtime: Runtime) -> list[dict[str, float]]:
     """Trains in place, keeps the best validation epoch's weights; returns the per-epoch history."""

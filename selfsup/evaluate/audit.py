@@ -1,0 +1,196 @@
+"""`selfsup evaluate`: where an adapted model fails — subgroups, unlabelled slices, and its representation.
+
+One pass of the task model over the rows it is scored on (its base's held-out rows, or every row of
+`--data`) gives the predictions and the pooled encoder features (the adapted encoder's, for lora and
+finetune). From them:
+- the subgroup audit (`evaluate/subgroups.py`): accuracy, macro-F1 and ECE overall and per value of
+  each group column (and pairs of columns), with bootstrap intervals and Holm-corrected tests;
+- slice discovery (`evaluate/slices.py`): k-means clusters of the features whose error rate is
+  significantly above the rest's — failures nobody labelled a group for;
+- representation diagnostics (`evaluate/representation.py`): alignment (positive pairs: two random
+  crops of one image, scale 0.5-1; for text, a document's first two blocks), uniformity, effective
+  rank, kNN label agreement, and how well each group column can be predicted from the features;
+- a 2-D map of the features (UMAP when `umap-learn` is installed, else t-SNE, on at most
+  `MAP_MAX_ROWS` rows) for the report.
+
+Everything lands in `TASK/evaluation/`: `evaluation.json`, `predictions.csv`, `embeddings.safetensors`
+(features, map coordinates and row indices) and, for images, `slice-<k>.png` thumbnails of each slice.
+An existing predictions CSV can be audited alone (`evaluate_predictions`): slices and diagnostics
+need the features, so they are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from selfsup.adapt.frozen import document_chunks, pad_chunks, prepare_images
+from selfsup.adapt.run import load_task, task_split, write_predictions
+from selfsup.adapt.task import TaskInputs, TaskModel, features_and_logits
+from selfsup.data.images import ImageSet
+from selfsup.data.text import TextSet
+from selfsup.data.views import crop_flip_resize, sample_crop_boxes
+from selfsup.errors import SelfsupError
+from selfsup.evaluate.representation import format_diagnostics, representation_diagnostics
+from selfsup.evaluate.slices import discover_slices, format_slices
+from selfsup.evaluate.subgroups import format_subgroups, read_predictions, subgroup_report
+from selfsup.train.runtime import Runtime, init_runtime
+
+log = logging.getLogger("selfsup")
+
+EVAL_DIR, EVAL_JSON, EMBEDDINGS, PREDICTIONS = "evaluation", "evaluation.json", "embeddings.safetensors", "predictions.csv"
+MAP_MAX_ROWS = 2000  # t-SNE is quadratic; a map of 2,000 points shows the structure
+PAIRS_MAX_ROWS = 1000
+_THUMBNAILS = 8
+
+
+def evaluate_predictions(predictions: Path, *, group_columns: Sequence[str] | None = None,
+                         pairs: Sequence[tuple[str, str]] = (), min_n: int = 30, num_bootstrap: int = 1000,
+                         alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """The subgroup audit of a predictions CSV (`selfsup predict`'s format) on its labelled rows."""
+    pred = read_predictions(Path(predictions), list(group_columns) if group_columns else None)
+    if not pred.groups:
+        log.warning("%s: no group columns (columns between `confidence` and the p_ columns), so only overall "
+                    "figures; sources with groups: emoji (skin_tone, subgroup), glyphs (family), manpages (package), "
+                    "or a manifest's group columns", predictions)
+    return subgroup_report(pred, group_columns, pairs=pairs, min_n=min_n, num_bootstrap=num_bootstrap,
+                           alpha=alpha, seed=seed)
+
+
+def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Sequence[str] | None = None,
+                  pairs: Sequence[tuple[str, str]] = (), min_n: int = 30, num_bootstrap: int = 1000,
+                  alpha: float = 0.05, slices: bool = True, num_clusters: int | None = None,
+                  seed: int = 0, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Runs the whole audit of a `selfsup adapt` output (module docstring); returns evaluation.json's
+    content plus "text" (what to print)."""
+    task_dir = Path(task_dir)
+    began = time.perf_counter()
+    model, task, tokenizer = load_task(task_dir)
+    runtime = runtime or init_runtime("auto", "auto")
+    model.to(runtime.device)
+    split, inputs = task_split(task, tokenizer, data)
+    features, logits = features_and_logits(model, inputs, runtime)
+    out = task_dir / EVAL_DIR
+    tmp = task_dir / f".{EVAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_predictions(tmp / PREDICTIONS, split, logits.softmax(dim=1), task["classes"])
+    subgroups = evaluate_predictions(tmp / PREDICTIONS, group_columns=group_columns, pairs=pairs, min_n=min_n,
+                                     num_bootstrap=num_bootstrap, alpha=alpha, seed=seed)
+    labelled = torch.nonzero(split.labels >= 0).flatten() if split.labels is not None else torch.arange(0)
+    z, y = features[labelled], split.labels[labelled]
+    correct = (logits[labelled].argmax(dim=1) == y).numpy()
+    ids = [split.ids[i] for i in labelled.tolist()]
+    groups = {name: [values[i] for i in labelled.tolist()] for name, values in split.groups.items()
+              if group_columns is None or name in group_columns}
+    result: dict[str, Any] = {"task": str(task_dir), "base": task["base"], "data": data or task["data"],
+                              "num_rows": len(split), "num_labelled": len(labelled), "subgroups": subgroups}
+    lines = [format_subgroups(subgroups)]
+    if slices:
+        found = discover_slices(z.numpy(), correct, ids, num_clusters=num_clusters, alpha=alpha, seed=seed)
+        _describe_slices(found, split, labelled, tmp)
+        result["slices"] = found
+        lines.append(format_slices(found))
+    view_a, view_b = _positive_pairs(model, split, inputs, labelled, task["preprocess"], runtime, seed)
+    diagnostics = representation_diagnostics(z.numpy(), labels=y.numpy(), groups=groups or None,
+                                             pairs=None if view_a is None else (view_a.numpy(), view_b.numpy()),
+                                             seed=seed)
+    diagnostics["pairs"] = ("two random crops (scale 0.5-1) of each image" if isinstance(split, ImageSet)
+                            else "the first two blocks of each document of two or more blocks")
+    result["diagnostics"] = diagnostics
+    lines.append(format_diagnostics(diagnostics))
+    coords, shown, method = embedding_map(z, seed)
+    result["map"] = {"method": method, "num_rows": len(shown)}
+    save_file({"features": z.contiguous(), "labels": y.contiguous(), "rows": labelled.contiguous(),
+               "map": coords.contiguous(), "map_rows": shown.contiguous()}, str(tmp / EMBEDDINGS))
+    result["seconds"] = time.perf_counter() - began
+    (tmp / EVAL_JSON).write_text(json.dumps(result, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("evaluation of %s written to %s in %.1f s", task_dir, out, result["seconds"])
+    result["text"] = "\n\n".join(lines)
+    return result
+
+
+def _describe_slices(found: dict[str, Any], split: ImageSet | TextSet, labelled: Tensor, out: Path) -> None:
+    """Adds what a person needs to recognise each slice: thumbnails (images) or opening words (text)."""
+    for s in found["slices"]:
+        rows = labelled[torch.tensor(s["member_indices"][:_THUMBNAILS], dtype=torch.long)]
+        if isinstance(split, ImageSet):
+            from selfsup.report.previews import grid_image
+
+            name = f"slice-{s['cluster']}.png"
+            grid_image([("nearest centre", split.images[rows].float() / 255)]).save(out / name)
+            s["thumbnails"] = name
+        else:
+            s["snippets"] = [" ".join(split.texts[int(i)].split())[:120] for i in rows[:3]]
+
+
+@torch.no_grad()
+def _positive_pairs(model: TaskModel, split: ImageSet | TextSet, inputs: TaskInputs, labelled: Tensor,
+                    preprocess: dict[str, Any], runtime: Runtime, seed: int) -> tuple[Tensor | None, Tensor | None]:
+    """Embeddings [P, D] of two views of the same items (module docstring), or (None, None) when none exist."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    rows = labelled[torch.randperm(len(labelled), generator=generator)[:PAIRS_MAX_ROWS]]
+    views: list[list[Tensor]] = [[], []]
+    if isinstance(split, ImageSet):
+        for start in range(0, len(rows), 256):
+            images = split.images[rows[start : start + 256]]
+            B, C, H, W = images.shape
+            for v in range(2):
+                boxes = sample_crop_boxes(B, H, W, (0.5, 1.0), (3 / 4, 4 / 3), generator)
+                crops = crop_flip_resize(images.float(), boxes, torch.zeros(B), H).round().clamp(0, 255).to(torch.uint8)
+                with runtime.autocast():
+                    views[v].append(model.pool(prepare_images(crops.to(runtime.device), preprocess)).float().cpu())
+    else:
+        first_chunk = inputs.first_chunk  # documents' block ranges in the task inputs
+        two = [int(i) for i in rows if int(first_chunk[i + 1] - first_chunk[i]) >= 2]
+        if len(two) < 2:
+            return None, None
+        for start in range(0, len(two), 64):
+            first = torch.tensor([int(first_chunk[i]) for i in two[start : start + 64]])
+            for v in range(2):
+                mask = inputs.mask[first + v]
+                width = int(mask.sum(dim=1).max())
+                with runtime.autocast():
+                    views[v].append(model.encoder.embed(inputs.input_ids[first + v, :width].to(runtime.device),
+                                                        mask[:, :width].to(runtime.device)).float().cpu())
+    if not views[0]:
+        return None, None
+    return torch.cat(views[0]), torch.cat(views[1])
+
+
+def embedding_map(z: Tensor, seed: int) -> tuple[Tensor, Tensor, str]:
+    """(2-D coordinates [M, 2], the rows of z they belong to [M], "umap" | "tsne") for at most MAP_MAX_ROWS rows."""
+    generator = torch.Generator().manual_seed(seed)
+    shown = torch.randperm(len(z), generator=generator)[:MAP_MAX_ROWS].sort().values
+    x = torch.nn.functional.normalize(z[shown].float(), dim=1).numpy()
+    if len(x) < 5:
+        return torch.zeros(len(x), 2), shown, "none"
+    try:
+        import umap  # optional: `pip install umap-learn`
+
+        coords, method = umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "umap"
+    except ImportError:
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+
+        if x.shape[1] > 50:
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = float(min(30, (len(x) - 1) / 3))
+        coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        method = "tsne"
+    return torch.from_numpy(np.asarray(coords, dtype=np.float32)), shown, method
