@@ -28,6 +28,9 @@ EXIT_BAD_INPUT = 2
 PREPARABLE = ("glyphs", "emoji", "manpages")
 # Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
 SELECT_SCORES = ("logme", "knn", "linear_cv")
+LEVERAGE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # = selfsup.evaluate.ladder.METRICS (a test checks)
+METRIC_HELP = ("test metric to compare (default accuracy); on imbalanced classes use balanced_accuracy or macro_f1, "
+               "which a majority-class guess cannot score well on")
 TEXT_CHUNKS_HELP = "text: a document is the mean of its first N blocks of the base's seq_len tokens (default 4, as probe)"
 
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs per adapt run (default 50)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     p.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of the from-scratch side (default 1e-3)")
+    p.add_argument("--metric", choices=LEVERAGE_METRICS, default="accuracy", help=METRIC_HELP)
     p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
     p.add_argument("--keep", action="store_true", help="keep every adapt run in OUT/runs/<side>-n<N>-s<seed>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing leverage.json (and kept runs) in --out")
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="also adapt every base and compare the scores' order with it")
     p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="--validate: adapt mode (default head)")
     p.add_argument("--epochs", type=int, default=50, help="--validate: at most this many epochs (default 50)")
+    p.add_argument("--metric", choices=LEVERAGE_METRICS, default="accuracy", help="--validate: " + METRIC_HELP)
     p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="--validate: keep the adapt runs in OUT/adapt/")

@@ -106,7 +106,7 @@ def run_leverage(args: argparse.Namespace) -> None:
 
     result = leverage(args.base, args.out, mode=args.mode, ladder=args.ladder, k_shot=args.k_shot_ladder,
                       num_seeds=args.seeds, data=args.data, epochs=args.epochs, patience=args.patience,
-                      scratch_lr=args.scratch_lr, text_chunks=args.text_chunks, keep=args.keep,
+                      scratch_lr=args.scratch_lr, text_chunks=args.text_chunks, metric=args.metric, keep=args.keep,
                       overwrite=args.overwrite)
     print(result["text"])
     print(f"wrote {Path(args.out) / LEVERAGE_JSON} and {Path(args.out) / LEVERAGE_PNG}")
@@ -117,7 +117,8 @@ def run_select(args: argparse.Namespace) -> None:
 
     result = select_bases(args.bases, args.out, data=args.data, scores=args.scores, budget_s=args.budget_s,
                           max_samples=args.max_samples, validate=args.validate, mode=args.mode, epochs=args.epochs,
-                          text_chunks=args.text_chunks, seed=args.seed, keep=args.keep, overwrite=args.overwrite)
+                          text_chunks=args.text_chunks, metric=args.metric, seed=args.seed, keep=args.keep,
+                          overwrite=args.overwrite)
     print(result["text"])
     print(f"wrote {Path(args.out) / SELECT_JSON}")
 

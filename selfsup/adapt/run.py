@@ -17,7 +17,7 @@ from safetensors.torch import load_model, save_file, save_model
 from selfsup.adapt.frozen import labelled_rows
 from selfsup.adapt.bases import base_splits, load_base, rebuild_encoder
 from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskInputs, TaskModel,
-                                build_task_model, label_budget, predict_logits, train_task)
+                                build_task_model, label_budget, predict_logits, test_metrics, train_task)
 from selfsup.data.images import ImageSet
 from selfsup.data.text import TextSet
 from selfsup.data.tokenizer import TextTokenizer
@@ -54,7 +54,7 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
              cfg.mode, base, len(parts["train"]), len(parts["val"]), len(parts["test"]), num_classes)
     history = train_task(model, parts["train"], parts["train"].labels, parts["val"], parts["val"].labels, cfg, runtime)
     test_logits = predict_logits(model, parts["test"], runtime)
-    metrics = {"test_acc": float((test_logits.argmax(1) == parts["test"].labels).float().mean()),
+    metrics = {**test_metrics(test_logits.argmax(1), parts["test"].labels),
                "val_acc": max(h["val_acc"] for h in history), "epochs": len(history),
                "num_train_labels": len(parts["train"]), "num_val": len(parts["val"]), "num_test": len(parts["test"]),
                "history": history}

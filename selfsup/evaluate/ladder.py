@@ -52,6 +52,10 @@ log = logging.getLogger("selfsup")
 
 LEVERAGE_JSON, LEVERAGE_PNG, SELECT_JSON = "leverage.json", "leverage.png", "select.json"
 SIDES = ("pretrained", "scratch")
+# What leverage and select compare, and the adapt metric each reads. Balanced accuracy (or macro-F1)
+# is the one to use on imbalanced tasks: on the man-page sections, a model that answers "section 3"
+# to everything scores 56 % accuracy, so a degenerate from-scratch model would "match" a pretrained one.
+METRICS = {"accuracy": "test_acc", "balanced_accuracy": "test_balanced_acc", "macro_f1": "test_macro_f1"}
 DEFAULT_NUM_RUNGS = 6
 # The smallest budget `adapt` can use: per class one label to train on and one to validate with.
 MIN_PER_CLASS = 2
@@ -130,9 +134,12 @@ def resolve_ladder(ladder: Sequence[int] | None, labels: torch.Tensor, k_shot: b
 def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetune"] = "head",
                  ladder: Sequence[int] | None = None, k_shot: bool = False, num_seeds: int = 3,
                  data: str | None = None, epochs: int = 50, patience: int = 5, scratch_lr: float = 1e-3,
-                 text_chunks: int = 4, keep: bool = False, overwrite: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+                 text_chunks: int = 4, metric: str = "accuracy", keep: bool = False, overwrite: bool = False,
+                 runtime: Runtime | None = None) -> dict[str, Any]:
     """Adapts `base` and `random:base` at every rung and seed; writes leverage.json and leverage.png in
-    `out` and returns what leverage.json holds (plus `text`, the printed table with its notes)."""
+    `out` and returns what leverage.json holds (plus `text`, the printed table with its notes). The
+    curves compare `metric` (one of METRICS); every run's three test metrics are kept in "runs"."""
+    _check_metric(metric)
     if base.startswith("random:"):
         raise SelfsupError(f"{base}: leverage compares a pretrained base with its random twin; give the run itself")
     if num_seeds < 1:
@@ -170,9 +177,9 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
                     metrics = adapt(bases[side], task_dir, cfg, data=data, runtime=runtime, overwrite=overwrite)
                     if not keep:
                         shutil.rmtree(task_dir, ignore_errors=True)
-                    accuracy[side][-1].append(metrics["test_acc"])
+                    accuracy[side][-1].append(metrics[METRICS[metric]])
                     runs.append({"side": side, "num_labels": rung["num_labels"], "seed": seed,
-                                 **{k: metrics[k] for k in ("test_acc", "val_acc", "epochs", "num_train_labels",
+                                 **{k: metrics[k] for k in (*METRICS.values(), "val_acc", "epochs", "num_train_labels",
                                                             "num_val", "num_test")},
                                  "dir": str(task_dir) if keep else None})
             shown = "; ".join(f"{side} " + " ".join(f"{a * 100:.1f}" for a in accuracy[side][-1]) + " %" for side in SIDES)
@@ -182,12 +189,13 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
             scratch_dir.cleanup()
     counts = [r["num_labels"] for r in rungs]
     table = leverage_table(counts, accuracy["pretrained"], accuracy["scratch"])
-    plot_leverage(table, out / LEVERAGE_PNG)
-    header = (f"label leverage of {base} ({mode}) over {'k per class' if k_shot else 'total labels'}, "
+    plot_leverage(table, out / LEVERAGE_PNG, metric)
+    header = (f"label leverage of {base} ({mode}) in test {metric.replace('_', ' ')} (%) over "
+              f"{'k per class' if k_shot else 'total labels'}, "
               f"{num_seeds} seed(s) per rung, {run_cfg.data.source}\n{SCRATCH_NOTE}")
     result = {
         "base": base, "data": run_cfg.data.source, "ladder": counts, "rungs": rungs, "notes": notes,
-        "settings": {"mode": mode, "k_shot_ladder": k_shot, "num_seeds": num_seeds, "epochs": epochs,
+        "metric": metric, "settings": {"mode": mode, "k_shot_ladder": k_shot, "num_seeds": num_seeds, "epochs": epochs,
                      "patience": patience, "scratch_lr": scratch_lr, "scratch_base": bases["scratch"],
                      "scratch_mode": "finetune", "scratch_layer_decay": 1.0, "scratch_note": SCRATCH_NOTE,
                      "pretrained_adapt": asdict(configs["pretrained"]), "scratch_adapt": asdict(configs["scratch"])},
@@ -202,6 +210,11 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
 # Select
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise SelfsupError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+
+
 def _modality(meta: dict[str, Any]) -> str:
     return meta["preprocess"].get("modality", "image")
 
@@ -209,11 +222,12 @@ def _modality(meta: dict[str, Any]) -> str:
 def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, scores: Sequence[str] = SCORES,
                  budget_s: float | None = 60.0, max_samples: int = 2000, validate: bool = False,
                  mode: Literal["head", "lora", "finetune"] = "head", epochs: int = 50, patience: int = 5,
-                 text_chunks: int = 4, seed: int = 0, keep: bool = False, overwrite: bool = False,
+                 text_chunks: int = 4, metric: str = "accuracy", seed: int = 0, keep: bool = False, overwrite: bool = False,
                  runtime: Runtime | None = None) -> dict[str, Any]:
     """Ranks `bases` by frozen-feature scores on a labelled sample of the data; with `validate`, also
     adapts each and measures how well each score predicted the ranking. Writes `out`/select.json and
     returns its content (plus `text`, what to print)."""
+    _check_metric(metric)
     bases = list(bases)
     if not bases:
         raise SelfsupError("--bases: give at least one candidate run directory (or random:RUN)")
@@ -263,7 +277,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
                               "num_classes": int(torch.unique(labels).numel()), "scores": list(scores),
                               "budget_s": budget_s, "embed_seconds": embed_seconds, "ranking": ranking}
     if validate:
-        result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime)
+        result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime, metric)
         lines += _format_validation(result["validation"])
     out.mkdir(parents=True, exist_ok=True)
     (out / SELECT_JSON).write_text(json.dumps(result, indent=1))
@@ -272,9 +286,10 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
 
 
 def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: str, out: Path, keep: bool,
-              overwrite: bool, runtime: Runtime) -> dict[str, Any]:
-    """Adapts every base on `source` and returns accuracies and each score's Kendall tau against them."""
+              overwrite: bool, runtime: Runtime, metric: str = "accuracy") -> dict[str, Any]:
+    """Adapts every base on `source` and returns its test `metric` and each score's Kendall tau against it."""
     accuracy: dict[str, float] = {}
+    everything: dict[str, dict[str, float]] = {}
     scratch_dir = None if keep else tempfile.TemporaryDirectory(prefix="selfsup-select-")
     root = out / "adapt" if keep else Path(scratch_dir.name)
     try:
@@ -282,8 +297,9 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
             label = ("random-" if name.startswith(RANDOM_PREFIX) else "") + Path(name.split(":")[-1]).name
             # `source` for every base, not each base's own data: the accuracies must be on the same rows.
             metrics = adapt(name, root / f"{i}-{label}", cfg, data=source, runtime=runtime, overwrite=overwrite)
-            accuracy[name] = metrics["test_acc"]
-            log.info("select: %s adapted (%s) to test accuracy %.4f", name, cfg.mode, accuracy[name])
+            accuracy[name] = metrics[METRICS[metric]]
+            everything[name] = {k: metrics[k] for k in METRICS.values()}
+            log.info("select: %s adapted (%s) to test %s %.4f", name, cfg.mode, metric, accuracy[name])
     finally:
         if scratch_dir is not None:
             scratch_dir.cleanup()
@@ -291,15 +307,16 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
     undefined = {s: "a score or the accuracies are all equal: no order to compare" for s, t in taus.items()
                  if t is not None and math.isnan(t)}
     undefined.update({s: "computed for fewer than two bases (budget)" for s, t in taus.items() if t is None})
-    return {"mode": cfg.mode, "adapt": asdict(cfg), "accuracy": accuracy,
+    return {"mode": cfg.mode, "adapt": asdict(cfg), "metric": metric, "accuracy": accuracy, "test_metrics": everything,
             "tau": {s: None if t is None or math.isnan(t) else t for s, t in taus.items()}, "tau_undefined": undefined}
 
 
 def _format_validation(validation: dict[str, Any]) -> list[str]:
     width = max(len(name) for name in validation["accuracy"])
-    lines = [f"adapted ({validation['mode']}) test accuracy:"]
+    metric = validation.get("metric", "accuracy").replace("_", " ")
+    lines = [f"adapted ({validation['mode']}) test {metric}:"]
     lines += [f"  {name.ljust(width)}  {acc * 100:.1f} %" for name, acc in validation["accuracy"].items()]
     taus = [f"{s} {'n/a' if t is None else f'{t:+.2f}'}" for s, t in validation["tau"].items()]
-    lines.append("Kendall tau, score vs accuracy (1 = same order as adaptation): " + ", ".join(taus))
+    lines.append(f"Kendall tau, score vs {metric} (1 = same order as adaptation): " + ", ".join(taus))
     lines += [f"  {s}: {why}" for s, why in validation["tau_undefined"].items()]
     return lines

@@ -165,7 +165,7 @@ def format_leverage(table: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body])
 
 
-def plot_leverage(table: Sequence[dict], path: str | Path) -> Path:
+def plot_leverage(table: Sequence[dict], path: str | Path, metric: str = "accuracy") -> Path:
     """Write a PNG of both accuracy curves against label count (log x axis), with leverage notes.
 
     Error bars are the std over seeds. For each N a dashed horizontal arrow runs from the
@@ -203,7 +203,7 @@ def plot_leverage(table: Sequence[dict], path: str | Path) -> Path:
         ax.annotate(text, xy=(math.sqrt(n * end), acc), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=7, color="dimgrey")
     ax.set_xlabel("labelled examples (log scale)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric.replace("_", " "))
     ax.set_title("label leverage: labels from scratch needs to match pretrained")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")

@@ -146,3 +146,15 @@ def test_text_chunks_pool_matches_frozen_features(text_run):
     expected = text_features(encoder, tokenizer, [train.texts[i] for i in index.tolist()], 16, torch.device("cpu"),
                              None, max_chunks=3)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_test_metrics_see_through_a_majority_class_guess():
+    from selfsup.adapt.task import test_metrics
+
+    labels = torch.tensor([0] * 8 + [1, 2])
+    majority = test_metrics(torch.zeros(10, dtype=torch.long), labels)
+    assert majority["test_acc"] == pytest.approx(0.8)
+    assert majority["test_balanced_acc"] == pytest.approx(1 / 3)  # recall 1, 0, 0
+    assert majority["test_macro_f1"] == pytest.approx((2 * 8 / 18) / 3)  # F1 of class 0 = 16/18, others 0
+    perfect = test_metrics(labels.clone(), labels)
+    assert perfect == {"test_acc": 1.0, "test_balanced_acc": 1.0, "test_macro_f1": 1.0}

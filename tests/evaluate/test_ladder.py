@@ -9,7 +9,7 @@ from selfsup import cli
 from selfsup.cli import EXIT_BAD_INPUT, main
 from selfsup.config import load_config
 from selfsup.errors import SelfsupError
-from selfsup.evaluate.ladder import default_ladder, resolve_ladder, run_leverage, select_bases
+from selfsup.evaluate.ladder import METRICS, default_ladder, resolve_ladder, run_leverage, select_bases
 from selfsup.evaluate.transferability import SCORES
 from selfsup.train.pretrain import pretrain
 from selfsup.train.runtime import Runtime
@@ -155,3 +155,16 @@ def test_cli_bad_input_exits_2(tmp_path, vit_run, text_run, capsys):
 
 def test_cli_score_names_match_the_library():
     assert cli.SELECT_SCORES == SCORES  # the CLI keeps its own copy to parse without importing torch
+    assert cli.LEVERAGE_METRICS == tuple(METRICS)
+
+
+def test_leverage_on_balanced_accuracy_records_every_metric(tmp_path, vit_run):
+    result = run_leverage(str(vit_run), tmp_path / "lev", ladder=[2], k_shot=True, num_seeds=1, epochs=1,
+                          patience=1, metric="balanced_accuracy", runtime=CPU)
+    assert result["metric"] == "balanced_accuracy" and "balanced accuracy" in result["text"]
+    for run in result["runs"]:
+        assert {"test_acc", "test_balanced_acc", "test_macro_f1"} <= set(run)
+    pretrained = [r["test_balanced_acc"] for r in result["runs"] if r["side"] == "pretrained"]
+    assert result["accuracies"]["pretrained"] == [pretrained]
+    with pytest.raises(SelfsupError, match="--metric"):
+        run_leverage(str(vit_run), tmp_path / "x", metric="auc", runtime=CPU)
