@@ -44,7 +44,8 @@ from selfsup.data.views import crop_flip_resize, sample_crop_boxes
 from selfsup.errors import SelfsupError
 from selfsup.evaluate.representation import format_diagnostics, representation_diagnostics
 from selfsup.evaluate.slices import discover_slices, format_slices
-from selfsup.evaluate.subgroups import format_subgroups, read_predictions, subgroup_report
+from selfsup.evaluate.predictions import read_predictions
+from selfsup.evaluate.subgroups import format_subgroups, subgroup_report
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")

@@ -19,7 +19,7 @@ from selfsup.train.progress import read_metrics
 
 STYLE = ("body{font-family:sans-serif;max-width:64em;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.5em 0}"
          "td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}td:first-child,td:nth-child(2){text-align:left}"
-         "figure{display:inline-block;margin:.5em;vertical-align:top}td img{max-width:26em}pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
+         "figure{display:inline-block;margin:.5em;vertical-align:top}td img{max-width:26em}pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}"
          ".flag{color:#a00;font-weight:bold}.note{color:#555;font-size:.9em}")
 
 

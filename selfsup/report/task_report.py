@@ -257,7 +257,7 @@ def write_task_report(task_dir: Path, leverage: Path | None = None) -> Path:
              f"{sub['n']} rows.</p>"]
     parts += _subgroup_section(sub)
     parts += _slice_section(evaluation.get("slices"), eval_dir)
-    from selfsup.evaluate.subgroups import read_predictions
+    from selfsup.evaluate.predictions import read_predictions
 
     groups = read_predictions(eval_dir / "predictions.csv").groups
     parts += _map_section(evaluation, eval_dir, task["classes"], groups)

@@ -113,3 +113,32 @@ def test_cli_evaluate_then_report(evaluated, task, tmp_path, capsys):
     (tmp_path / "metrics.json").write_text((task / "metrics.json").read_text())
     assert main(["report", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "selfsup evaluate" in capsys.readouterr().err, "a task not yet evaluated says what to run"
+
+
+def test_text_task_evaluates_with_two_block_pairs(tmp_path):
+    """Text: documents of several blocks give alignment pairs (a document's first two blocks), and the
+    corpus's `group` field is audited."""
+    import random
+
+    from tests.train.test_pretrain_text import TOPICS, text_overrides
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w") as fh:
+        for i in range(150):
+            label = list(TOPICS)[i % 3]
+            words = TOPICS[label].split()
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+            fh.write(json.dumps({"text": text, "label": label, "id": f"d{i}", "group": "long" if i % 2 else "short"}) + "\n")
+    run = tmp_path / "run"
+    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 2})), run, show_progress=False)
+    adapt(str(run), tmp_path / "task", AdaptConfig(mode="head", epochs=5, patience=5, text_chunks=3), runtime=CPU)
+    result = evaluate_task(tmp_path / "task", num_bootstrap=50, min_n=5, runtime=CPU)
+    column = result["subgroups"]["columns"]["group"]
+    assert {g["group"] for g in column["groups"]} == {"long", "short"} and sum(g["n"] for g in column["groups"]) == 30
+    d = result["diagnostics"]
+    assert d["num_pairs"] > 10 and d["alignment"] >= 0 and "blocks" in d["pairs"]
+    for s in result["slices"]["slices"]:
+        assert s["snippets"] and "thumbnails" not in s
+    page = write_task_report(tmp_path / "task").read_text()
+    assert "<h2>Subgroup audit</h2>" in page and external_urls(page) == []

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import hypergeom
 
 from selfsup.errors import SelfsupError
-from selfsup.evaluate.slices import default_num_clusters, discover_slices, format_slices, holm
+from selfsup.evaluate.slices import default_num_clusters, discover_slices, format_slices
+from selfsup.evaluate.stats import holm
 
 NUM_BLOBS, BLOB_SIZE, DIM = 6, 100, 32
 PLANTED = 2  # the blob whose members the model gets wrong 60 % of the time

@@ -12,17 +12,16 @@ from sklearn.metrics import f1_score
 from selfsup.errors import SelfsupError
 from selfsup.evaluate.subgroups import (
     MISSING,
-    Predictions,
     _metrics_on_rows,
     accuracy,
     expected_calibration_error,
     format_subgroups,
-    holm,
     macro_f1,
     metrics_with_ci,
-    read_predictions,
     subgroup_report,
 )
+from selfsup.evaluate.predictions import Predictions, read_predictions
+from selfsup.evaluate.stats import holm
 
 
 def _preds(labels, predictions, groups, confidence=None, source="<test>"):
