@@ -89,6 +89,7 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     write_predictions(tmp / PREDICTIONS, split, logits.softmax(dim=1), task["classes"])
     subgroups = evaluate_predictions(tmp / PREDICTIONS, group_columns=group_columns, pairs=pairs, min_n=min_n,
                                      num_bootstrap=num_bootstrap, alpha=alpha, seed=seed)
+    subgroups["source"] = str(out / PREDICTIONS)  # where it will be once the folder is moved into place
     labelled = torch.nonzero(split.labels >= 0).flatten() if split.labels is not None else torch.arange(0)
     z, y = features[labelled], split.labels[labelled]
     correct = (logits[labelled].argmax(dim=1) == y).numpy()

@@ -130,7 +130,8 @@ def _slice_section(slices: dict[str, Any] | None, eval_dir: Path) -> list[str]:
         else:
             shown = "<br>".join(html.escape(t) for t in s.get("snippets", []))
         rows.append(f"<tr><td>{s['cluster']}</td><td>{s['size']}</td><td>{s['error_rate']:.1%}</td><td>{s['lift']:.2f}x</td>"
-                    f"<td>{s['p_holm']:.2g}</td><td>{html.escape(', '.join(s['example_ids']))}</td><td>{shown}</td></tr>")
+                    f"<td>{s['p_holm']:.2g}</td><td>{html.escape(', '.join(s['example_ids']))}</td>"
+                    f"<td style=\"text-align:left\">{shown}</td></tr>")
     return parts + ["<table><tr><th>cluster</th><th>size</th><th>error rate</th><th>lift</th><th>p (Holm)</th>"
                     f"<th>misclassified members</th><th>members nearest the centre</th></tr>{''.join(rows)}</table>"]
 
