@@ -96,7 +96,8 @@ def run_adapt(args: argparse.Namespace) -> None:
                       seed=args.seed)
     cfg.validate()
     metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite)
-    print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f} ({metrics['num_test']} held-out rows), "
+    print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f}, balanced accuracy {metrics['test_balanced_acc']:.4f}, "
+          f"macro-F1 {metrics['test_macro_f1']:.4f} ({metrics['num_test']} held-out rows), "
           f"best validation {metrics['val_acc']:.4f} after {metrics['epochs']} epochs, "
           f"{metrics['num_train_labels']} training labels; task in {args.out}")
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from selfsup.errors import SelfsupError
 from selfsup.evaluate.representation import format_diagnostics, representation_diagnostics
 from selfsup.evaluate.slices import discover_slices, format_slices
 from selfsup.evaluate.predictions import read_predictions
-from selfsup.evaluate.subgroups import format_subgroups, subgroup_report
+from selfsup.evaluate.subgroups import MISSING, format_subgroups, subgroup_report
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
@@ -60,7 +61,7 @@ def evaluate_predictions(predictions: Path, *, group_columns: Sequence[str] | No
                          pairs: Sequence[tuple[str, str]] = (), min_n: int = 30, num_bootstrap: int = 1000,
                          alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """The subgroup audit of a predictions CSV (`selfsup predict`'s format) on its labelled rows."""
-    pred = read_predictions(Path(predictions), list(group_columns) if group_columns else None)
+    pred = read_predictions(Path(predictions))  # every group column: a pair may name one outside --groups
     if not pred.groups:
         log.warning("%s: no group columns (columns between `confidence` and the p_ columns), so only overall "
                     "figures; sources with groups: emoji (skin_tone, subgroup), glyphs (family), manpages (package), "
@@ -81,46 +82,70 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     runtime = runtime or init_runtime("auto", "auto")
     model.to(runtime.device)
     split, inputs = task_split(task, tokenizer, data)
+    rows_evaluated = "held-out rows" if data is None else f"every row of {data} (training rows included)"
+    if split.labels is None or not bool((split.labels >= 0).any()):
+        raise SelfsupError(f"{task_dir}: the rows to evaluate ({rows_evaluated}) carry no labels; evaluate on "
+                           "labelled data (--data SOURCE with a label column)")
+    if data is not None and data == task["data"]:
+        log.warning("--data %s is the task's own data: its training and validation rows are scored too", data)
     features, logits = features_and_logits(model, inputs, runtime)
-    out = task_dir / EVAL_DIR
-    tmp = task_dir / f".{EVAL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_predictions(tmp / PREDICTIONS, split, logits.softmax(dim=1), task["classes"])
-    subgroups = evaluate_predictions(tmp / PREDICTIONS, group_columns=group_columns, pairs=pairs, min_n=min_n,
-                                     num_bootstrap=num_bootstrap, alpha=alpha, seed=seed)
-    subgroups["source"] = str(out / PREDICTIONS)  # where it will be once the folder is moved into place
-    labelled = torch.nonzero(split.labels >= 0).flatten() if split.labels is not None else torch.arange(0)
-    z, y = features[labelled], split.labels[labelled]
-    correct = (logits[labelled].argmax(dim=1) == y).numpy()
+    # The data's label indices follow its own class list; the model's follow the task's: match by name.
+    to_task = {name: i for i, name in enumerate(task["classes"])}
+    labelled = torch.nonzero(split.labels >= 0).flatten()
+    y = torch.tensor([to_task.get(split.classes[int(split.labels[i])], -1) for i in labelled.tolist()], dtype=torch.long)
+    z = features[labelled]
+    correct = (logits[labelled].argmax(dim=1) == y).numpy()  # a class the task never learnt is always wrong
     ids = [split.ids[i] for i in labelled.tolist()]
-    groups = {name: [values[i] for i in labelled.tolist()] for name, values in split.groups.items()
+    groups = {name: [values[i] or MISSING for i in labelled.tolist()] for name, values in split.groups.items()
               if group_columns is None or name in group_columns}
-    result: dict[str, Any] = {"task": str(task_dir), "base": task["base"], "data": data or task["data"],
-                              "num_rows": len(split), "num_labelled": len(labelled), "subgroups": subgroups}
-    lines = [format_subgroups(subgroups)]
-    if slices:
-        found = discover_slices(z.numpy(), correct, ids, num_clusters=num_clusters, alpha=alpha, seed=seed)
-        _describe_slices(found, split, labelled, tmp)
-        result["slices"] = found
-        lines.append(format_slices(found))
-    view_a, view_b = _positive_pairs(model, split, inputs, labelled, task["preprocess"], runtime, seed)
-    diagnostics = representation_diagnostics(z.numpy(), labels=y.numpy(), groups=groups or None,
-                                             pairs=None if view_a is None else (view_a.numpy(), view_b.numpy()),
-                                             seed=seed)
-    diagnostics["pairs"] = ("two random crops (scale 0.5-1) of each image" if isinstance(split, ImageSet)
-                            else "the first two blocks of each document of two or more blocks")
-    result["diagnostics"] = diagnostics
-    lines.append(format_diagnostics(diagnostics))
-    coords, shown, method = embedding_map(z, seed)
-    result["map"] = {"method": method, "num_rows": len(shown)}
-    save_file({"features": z.contiguous(), "labels": y.contiguous(), "rows": labelled.contiguous(),
-               "map": coords.contiguous(), "map_rows": shown.contiguous()}, str(tmp / EMBEDDINGS))
-    result["seconds"] = time.perf_counter() - began
-    (tmp / EVAL_JSON).write_text(json.dumps(result, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out = task_dir / EVAL_DIR
+    tmp = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{EVAL_DIR}-"))
+    try:
+        write_predictions(tmp / PREDICTIONS, split, logits.softmax(dim=1), task["classes"])
+        subgroups = evaluate_predictions(tmp / PREDICTIONS, group_columns=group_columns, pairs=pairs, min_n=min_n,
+                                         num_bootstrap=num_bootstrap, alpha=alpha, seed=seed)
+        subgroups["source"] = str(out / PREDICTIONS)  # where it will be once the folder is moved into place
+        subgroups["rows"] = rows_evaluated
+        result: dict[str, Any] = {"task": str(task_dir), "base": task["base"], "data": data or task["data"],
+                                  "rows": rows_evaluated, "num_rows": len(split), "num_labelled": len(labelled),
+                                  "subgroups": subgroups}
+        lines = [format_subgroups(subgroups)]
+        if slices:
+            found = discover_slices(z.numpy(), correct, ids, num_clusters=num_clusters, alpha=alpha, seed=seed)
+            _describe_slices(found, split, labelled, tmp)
+            result["slices"] = found
+            lines.append(format_slices(found))
+        view_a, view_b = _positive_pairs(model, split, inputs, labelled, task["preprocess"], runtime, seed)
+        k = min(10, len(labelled) - 1)
+        diagnostics = representation_diagnostics(z.numpy(), labels=y.numpy() if k >= 1 else None,
+                                                 groups=groups or None, k=max(k, 1),
+                                                 pairs=None if view_a is None else (view_a.numpy(), view_b.numpy()),
+                                                 seed=seed)
+        if view_a is not None:
+            diagnostics["pairs"] = ("two random crops (scale 0.5-1) of each image" if isinstance(split, ImageSet)
+                                    else "the first two blocks of each document of two or more blocks")
+        elif isinstance(split, TextSet):
+            diagnostics["pairs"] = ("no alignment: no document spans two blocks"
+                                    + (" (this task reads one block per document; adapt with --text-chunks 2 or more)"
+                                       if task["adapt"].get("text_chunks", 1) < 2 else ""))
+        result["diagnostics"] = diagnostics
+        lines.append(format_diagnostics(diagnostics))
+        coords, shown, method = embedding_map(z, seed)
+        result["map"] = {"method": method, "num_rows": len(shown)}
+        save_file({"features": z.contiguous(), "labels": y.contiguous(), "rows": labelled.contiguous(),
+                   "map": coords.contiguous(), "map_rows": shown.contiguous()}, str(tmp / EMBEDDINGS))
+        result["seconds"] = time.perf_counter() - began
+        (tmp / EVAL_JSON).write_text(json.dumps(result, indent=1))
+        # Swap in: the old evaluation is moved aside first, so a crash leaves one complete folder.
+        old = task_dir / f".{EVAL_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("evaluation of %s written to %s in %.1f s", task_dir, out, result["seconds"])
     result["text"] = "\n\n".join(lines)
     return result
@@ -190,7 +215,7 @@ def embedding_map(z: Tensor, seed: int) -> tuple[Tensor, Tensor, str]:
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
-        if x.shape[1] > 50:
+        if x.shape[1] > 50 and len(x) > 50:
             x = PCA(n_components=50, random_state=seed).fit_transform(x)
         perplexity = float(min(30, (len(x) - 1) / 3))
         coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)

@@ -146,7 +146,8 @@ def discover_slices(
     if N < 2 * num_clusters:
         raise SelfsupError(
             f"{N} examples are too few for {num_clusters} clusters (need at least 2 per cluster, N >= "
-            f"{2 * num_clusters}): lower num_clusters to at most {N // 2} or evaluate on more examples"
+            f"{2 * num_clusters}): lower num_clusters (--clusters) to at most {N // 2}, evaluate on more examples, "
+            "or skip slices (--no-slices)"
         )
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise SelfsupError(f"alpha (the family-wise error level) must be in (0, 1), got {alpha!r}")

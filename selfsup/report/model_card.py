@@ -273,7 +273,7 @@ def _evaluation(metrics: Mapping[str, Any], subgroups: Mapping[str, Any] | None,
     n = _get(subgroups, "n") or (metrics or {}).get("num_test")
     level = _level(subgroups)
     lines = ["## Evaluation", "",
-             f"On {_count(n)} held-out rows; brackets are {level} confidence intervals.", "",
+             f"On {_count(n)} {_get(subgroups, 'rows') or 'held-out rows'}; brackets are {level} confidence intervals.", "",
              "| metric | value |", "|---|---|",
              f"| accuracy | {_with_ci(overall.get('accuracy'))} |",
              f"| macro-F1 | {_with_ci(overall.get('macro_f1'))} |",

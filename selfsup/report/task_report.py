@@ -144,10 +144,12 @@ def _map_section(evaluation: dict[str, Any], eval_dir: Path, classes: list[str],
     shown = tensors["map_rows"].numpy()
     labels = tensors["labels"].numpy()[shown]
     rows = tensors["rows"].numpy()[shown]
-    colourings = [("label", [classes[int(i)] for i in labels])]
+    colourings = [("label", [classes[int(i)] if i >= 0 else "(not a task class)" for i in labels])]
     colourings += [(name, [values[int(r)] or "(missing)" for r in rows]) for name, values in groups.items()]
     method = {"umap": "UMAP", "tsne": "t-SNE"}.get(evaluation["map"]["method"], evaluation["map"]["method"])
-    parts = [f"<h2>Embedding map</h2><p class=\"note\">{method} of {len(coords)} held-out rows' features.</p>"]
+    rows_evaluated = evaluation.get("rows", "held-out rows")
+    parts = [f"<h2>Embedding map</h2><p class=\"note\">{method} of the features of {len(coords)} of the "
+             f"{html.escape(rows_evaluated)}.</p>"]
     for name, values in colourings[:3]:
         parts.append(figure_html(_scatter(coords, values, f"{method}, coloured by {name}"), f"embedding map by {name}"))
     return parts
@@ -175,7 +177,7 @@ def _scatter(coords: np.ndarray, values: list[str], title: str) -> str:
 
 def _diagnostics_section(d: dict[str, Any]) -> list[str]:
     rows = [("uniformity", f"{d['uniformity']:.3f}", "log E exp(-2|f(x)-f(y)|²); 0 = collapsed, lower = more spread"),
-            ("effective rank", f"{d['effective_rank']:.1f}", f"of at most {d['dim']}"),
+            ("effective rank", f"{d['effective_rank']:.1f}", f"of at most {min(d['dim'], d['num_rows'])}"),
             ("normalised std", f"{d['normalised_std']:.3f}", "~1 spread over the sphere, 0 collapsed")]
     if "alignment" in d:
         rows.append(("alignment", f"{d['alignment']:.3f}", f"E|f(x)-f(x')|² over {d['num_pairs']} positive pairs "
@@ -216,6 +218,7 @@ def _pm(mean: float, std: float | None) -> str:
 
 def _leverage_section(leverage_dir: Path) -> list[str]:
     result = _read_json(leverage_dir / "leverage.json", "selfsup leverage BASE --out " + str(leverage_dir))
+    metric = result.get("metric", "accuracy").replace("_", " ")
     rows = "".join(
         f"<tr><td>{r['num_labels']}</td><td>{_pm(r['pretrained_acc'], r['pretrained_std'])}</td>"
         f"<td>{_pm(r['scratch_acc'], r['scratch_std'])}</td>"
@@ -223,7 +226,8 @@ def _leverage_section(leverage_dir: Path) -> list[str]:
         for r in result["table"])
     parts = ["<h2>Label leverage</h2>",
              f"<p class=\"note\">{html.escape(result['settings']['scratch_note'])}</p>",
-             "<table><tr><th>labels</th><th>pretrained accuracy % (± std over seeds)</th><th>from scratch %</th><th>leverage</th></tr>"
+             f"<table><tr><th>labels</th><th>pretrained test {metric} % (± std over seeds)</th><th>from scratch %</th>"
+             "<th>leverage</th></tr>"
              f"{rows}</table>"]
     png = leverage_dir / "leverage.png"
     if png.is_file():
@@ -254,13 +258,15 @@ def write_task_report(task_dir: Path, leverage: Path | None = None) -> Path:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>A {adapt_cfg['mode']} adaptation of <code>{html.escape(task['base'])}</code> to {len(task['classes'])} "
              f"classes of <code>{html.escape(str(task['data']))}</code> with {metrics['num_train_labels']} training labels "
-             f"(+{metrics['num_val']} for validation). Held-out accuracy {_ci(sub['overall']['accuracy'])} on "
-             f"{sub['n']} rows.</p>"]
+             f"(+{metrics['num_val']} for validation). Accuracy {_ci(sub['overall']['accuracy'])} on {sub['n']} "
+             f"{html.escape(evaluation.get('rows', 'held-out rows'))}.</p>"]
     parts += _subgroup_section(sub)
     parts += _slice_section(evaluation.get("slices"), eval_dir)
     from selfsup.evaluate.predictions import read_predictions
 
     groups = read_predictions(eval_dir / "predictions.csv").groups
+    audited = set(sub["columns"])
+    groups = {name: values for name, values in groups.items() if name in audited}
     parts += _map_section(evaluation, eval_dir, task["classes"], groups)
     parts += _diagnostics_section(evaluation["diagnostics"])
     if leverage is not None:

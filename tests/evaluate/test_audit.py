@@ -11,6 +11,7 @@ from selfsup.adapt.run import adapt
 from selfsup.adapt.task import AdaptConfig
 from selfsup.cli import EXIT_BAD_INPUT, main
 from selfsup.config import load_config
+from selfsup.errors import SelfsupError
 from selfsup.evaluate.audit import EMBEDDINGS, EVAL_DIR, EVAL_JSON, PREDICTIONS, evaluate_task
 from selfsup.report.browser import check_in_browser, external_urls, find_chromium
 from selfsup.report.task_report import MODEL_CARD, write_task_report
@@ -142,3 +143,38 @@ def test_text_task_evaluates_with_two_block_pairs(tmp_path):
         assert s["snippets"] and "thumbnails" not in s
     page = write_task_report(tmp_path / "task").read_text()
     assert "<h2>Subgroup audit</h2>" in page and external_urls(page) == []
+
+
+def test_groups_and_pairs_outside_them_and_all_rows_of_data(task, tmp_path):
+    """--groups picks columns without hiding the ones a pair names; --data scores every row and says so."""
+    from selfsup.evaluate.audit import evaluate_predictions
+
+    source = task.parent / "planted.npz"
+    result = evaluate_task(task, data=str(source), num_bootstrap=20, min_n=10, slices=False, runtime=CPU)
+    assert result["num_labelled"] == N and "every row" in result["rows"]
+    assert "every row" in write_task_report(task).read_text()
+    csv_path = tmp_path / "p.csv"
+    rows = list(csv.reader((task / EVAL_DIR / PREDICTIONS).open()))
+    header = rows[0][:5] + ["half"] + rows[0][5:]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i, row in enumerate(rows[1:]):
+            writer.writerow(row[:5] + ["x" if i % 2 else "y"] + row[5:])
+    report = evaluate_predictions(csv_path, group_columns=["site"], pairs=[("site", "half")], min_n=10, num_bootstrap=20)
+    assert set(report["columns"]) == {"site", "site×half"}
+
+
+def test_unlabelled_rows_are_refused_with_a_clear_error(task, tmp_path):
+    x = np.zeros((40, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "unlabelled.npz", x=x, site=np.array(["a"] * 40))
+    with pytest.raises(SelfsupError, match="carry no labels"):
+        evaluate_task(task, data=str(tmp_path / "unlabelled.npz"), runtime=CPU)
+    assert not [p for p in task.iterdir() if p.name.startswith(".evaluation")], "no temporary folder left behind"
+
+
+def test_embedding_map_of_few_rows_in_many_dimensions():
+    from selfsup.evaluate.audit import embedding_map
+
+    coords, shown, method = embedding_map(torch.randn(20, 64), seed=0)
+    assert coords.shape == (20, 2) and shown.tolist() == list(range(20)) and method in ("tsne", "umap")
