@@ -70,7 +70,8 @@ def _subgroup_section(sub: dict[str, Any]) -> list[str]:
              f"{s['num_bootstrap']} resamples).</p>",
              f"<p class=\"note\">p: {html.escape(s['test'])}; {html.escape(s['correction'])}. "
              f"<span class=\"flag\">*</span> significant at {s['alpha']:g}; groups under {s['min_n']} rows are "
-             "flagged <em>small</em> and kept: their intervals are wide.</p>"]
+             "flagged <em>small</em> and kept: their intervals are wide, or collapse to a point when every row of the "
+             "group is right (or wrong), which means too few rows, not certainty.</p>"]
     if not sub["columns"]:
         parts.append("<p>The data have no group columns, so there is nothing to break down.</p>")
     for name, col in sub["columns"].items():
