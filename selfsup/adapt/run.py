@@ -55,7 +55,7 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
     history = train_task(model, parts["train"], parts["train"].labels, parts["val"], parts["val"].labels, cfg, runtime)
     test_logits = predict_logits(model, parts["test"], runtime)
     metrics = {**test_metrics(test_logits.argmax(1), parts["test"].labels),
-               "val_acc": max(h["val_acc"] for h in history), "epochs": len(history),
+               "val_acc": min(history, key=lambda h: h["val_loss"])["val_acc"], "epochs": len(history),
                "num_train_labels": len(parts["train"]), "num_val": len(parts["val"]), "num_test": len(parts["test"]),
                "history": history}
     _save(out, model, cfg, base, meta, tokenizer, train.classes, run_cfg.data.source, metrics)
