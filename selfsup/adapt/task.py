@@ -49,7 +49,7 @@ from selfsup.train.runtime import Runtime
 
 log = logging.getLogger("selfsup")
 
-_MIN_HEAD_STEPS = 20  # head mode: at least this many optimizer steps per epoch
+_MIN_EPOCH_STEPS = 20  # at least this many optimizer steps per epoch (several passes over few labels)
 TASK_WEIGHTS, ADAPTER_WEIGHTS, TASK_META, METRICS = "task.safetensors", "adapter.safetensors", "task.json", "metrics.json"
 
 
@@ -59,7 +59,7 @@ class AdaptConfig:
     head: Literal["linear", "mlp"] = "linear"  # mlp = one hidden layer of the encoder's width, GELU
     label_fraction: float = 1.0  # of the training rows' labels (stratified); ignored when k_shot is set
     k_shot: int | None = None  # examples per class instead of a fraction
-    epochs: int = 50  # at most this many epochs (head mode: an epoch is at least 20 steps of passes over the labels)
+    epochs: int = 50  # at most this many epochs (an epoch is at least 20 steps: a few labels are passed over several times)
     patience: int = 5  # stop after this many epochs without a lower validation loss
     batch_size: int = 64
     lr: float | None = None  # None = 1e-3 for head, 5e-4 for lora, 1e-4 for finetune
@@ -282,9 +282,11 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
         group.setdefault("lr", lr)
         group["base_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    # A head on frozen features is cheap per step but, with a few dozen labels, one pass is one
-    # step: an "epoch" then takes several passes, so early stopping judges a head that trained.
-    passes = max(1, math.ceil(_MIN_HEAD_STEPS * cfg.batch_size / len(train_y))) if frozen_features else 1
+    # With a few dozen labels one pass is one or two steps, so "epochs" of single passes would let early
+    # stopping judge (and the epoch cap end) a model that has barely trained: 30 epochs of 180 MNIST
+    # labels were 90 steps, and a from-scratch ResNet stayed near chance, which inflated the leverage.
+    # An epoch is therefore at least _MIN_EPOCH_STEPS steps, of repeated passes, in every mode.
+    passes = max(1, math.ceil(_MIN_EPOCH_STEPS * cfg.batch_size / len(train_y)))
     steps_per_epoch = max(1, math.ceil(passes * len(train_y) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)
