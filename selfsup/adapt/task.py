@@ -286,8 +286,10 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
     # stopping judge (and the epoch cap end) a model that has barely trained: 30 epochs of 180 MNIST
     # labels were 90 steps, and a from-scratch ResNet stayed near chance, which inflated the leverage.
     # An epoch is therefore at least _MIN_EPOCH_STEPS steps, of repeated passes, in every mode.
-    passes = max(1, math.ceil(_MIN_EPOCH_STEPS * cfg.batch_size / len(train_y)))
-    steps_per_epoch = max(1, math.ceil(passes * len(train_y) / cfg.batch_size))
+    # Fewer labels than a batch: a batch is every label once, not labels repeated within one step.
+    batch_size = min(cfg.batch_size, len(train_y))
+    passes = max(1, math.ceil(_MIN_EPOCH_STEPS * batch_size / len(train_y)))
+    steps_per_epoch = max(1, math.ceil(passes * len(train_y) / batch_size))
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)
     best_loss, best_state, best_epoch, history, step = math.inf, None, 0, [], 0
@@ -297,8 +299,8 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
             model.encoder.eval()
         order = torch.cat([torch.randperm(len(train_y), generator=generator) for _ in range(passes)])
         losses = []
-        for start in range(0, len(order), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
             scale = 0.5 * (1 + math.cos(math.pi * step / total))
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
