@@ -188,6 +188,9 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
         if scratch_dir is not None:
             scratch_dir.cleanup()
     counts = [r["num_labels"] for r in rungs]
+    if counts[-1] >= len(rows):
+        notes.append(f"the ladder's top is every labelled training row ({len(rows)}): "
+                     "'more than the ladder holds' means more than the data holds")
     table = leverage_table(counts, accuracy["pretrained"], accuracy["scratch"])
     plot_leverage(table, out / LEVERAGE_PNG, metric)
     header = (f"label leverage of {base} ({mode}) in test {metric.replace('_', ' ')} (%) over "

@@ -5,8 +5,8 @@ a ladder of label counts (e.g. 10, 30, 100, 300, 1000 per task, a few seeds each
 count N it asks: how many labels does the from-scratch model need to reach the accuracy the
 pretrained one reaches with N? The ratio needed / N is the leverage — "pretraining is worth 8x
 the labels at N=100". When the from-scratch model never reaches that accuracy within the ladder,
-the answer is "more than the data holds" (None here), which is itself the headline for few-label
-problems.
+the answer is "more than the ladder holds" (None here) — more than the data holds when the ladder
+ends at every label — which is itself the headline for few-label problems.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from selfsup.errors import SelfsupError
 
-BEYOND_DATA = "more than the data holds"
+BEYOND_DATA = "more than the ladder holds"  # = more than the data holds when the top rung is every label
 AT_MOST_FIRST = "at most: scratch already reaches it at the smallest label count"
 
 
@@ -112,7 +112,7 @@ def leverage_table(
     are the seed means. Each row: ``{"num_labels", "pretrained_acc", "pretrained_std",
     "pretrained_seeds", "scratch_acc", "scratch_std", "scratch_seeds", "scratch_labels_needed",
     "leverage", "note"}``. `scratch_labels_needed` is `labels_needed` at the pretrained mean (None:
-    more than the data holds) and `leverage` is needed / N (None with it). A leverage below 1
+    more than the ladder holds) and `leverage` is needed / N (None with it). A leverage below 1
     means the from-scratch model does better at N (pretraining hurt); `note` says when the number
     is a bound.
     """

@@ -223,7 +223,7 @@ def _leverage_section(leverage_dir: Path) -> list[str]:
     rows = "".join(
         f"<tr><td>{r['num_labels']}</td><td>{_pm(r['pretrained_acc'], r['pretrained_std'])}</td>"
         f"<td>{_pm(r['scratch_acc'], r['scratch_std'])}</td>"
-        f"<td>{'more than the data hold' if r['leverage'] is None else format(r['leverage'], '.1f') + 'x'}</td></tr>"
+        f"<td>{'more than the ladder holds' if r['leverage'] is None else format(r['leverage'], '.1f') + 'x'}</td></tr>"
         for r in result["table"])
     parts = ["<h2>Label leverage</h2>",
              f"<p class=\"note\">{html.escape(result['settings']['scratch_note'])}</p>",
