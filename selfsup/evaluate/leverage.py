@@ -176,6 +176,7 @@ def plot_leverage(table: Sequence[dict], path: str | Path, metric: str = "accura
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     if not table:
         raise SelfsupError("the leverage table is empty: nothing to plot")
@@ -203,6 +204,9 @@ def plot_leverage(table: Sequence[dict], path: str | Path, metric: str = "accura
         ax.annotate(text, xy=(math.sqrt(n * end), acc), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=7, color="dimgrey")
     ax.set_xlabel("labelled examples (log scale)")
+    # Ticks at the ladder's own counts: log-axis minor labels (3x10^1, 4x10^1, ...) overlap.
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title("label leverage: labels from scratch needs to match pretrained")
     ax.grid(True, which="both", alpha=0.3)
