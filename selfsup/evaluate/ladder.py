@@ -310,7 +310,14 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
     undefined = {s: "a score or the accuracies are all equal: no order to compare" for s, t in taus.items()
                  if t is not None and math.isnan(t)}
     undefined.update({s: "computed for fewer than two bases (budget)" for s, t in taus.items() if t is None})
+    # Every metric's tau, whichever one was chosen: the scores estimate plain accuracy, and on imbalanced
+    # classes their order can agree with accuracy and not with balanced accuracy (man pages: +1.0 vs -0.2).
+    tau_by_metric = {}
+    for name, key in METRICS.items():
+        taus_m = score_accuracy_tau(ranking, {b: m[key] for b, m in everything.items()})
+        tau_by_metric[name] = {s: None if t is None or math.isnan(t) else t for s, t in taus_m.items()}
     return {"mode": cfg.mode, "adapt": asdict(cfg), "metric": metric, "accuracy": accuracy, "test_metrics": everything,
+            "tau_by_metric": tau_by_metric,
             "tau": {s: None if t is None or math.isnan(t) else t for s, t in taus.items()}, "tau_undefined": undefined}
 
 
@@ -322,4 +329,8 @@ def _format_validation(validation: dict[str, Any]) -> list[str]:
     taus = [f"{s} {'n/a' if t is None else f'{t:+.2f}'}" for s, t in validation["tau"].items()]
     lines.append(f"Kendall tau, score vs {metric} (1 = same order as adaptation): " + ", ".join(taus))
     lines += [f"  {s}: {why}" for s, why in validation["tau_undefined"].items()]
+    for name, taus_m in validation.get("tau_by_metric", {}).items():
+        if name != validation.get("metric", "accuracy"):
+            shown = ", ".join(f"{s} {'n/a' if t is None else f'{t:+.2f}'}" for s, t in taus_m.items())
+            lines.append(f"  (against test {name.replace('_', ' ')}: {shown})")
     return lines

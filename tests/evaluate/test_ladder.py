@@ -128,6 +128,8 @@ def test_select_ranks_validates_and_writes_json(tmp_path, vit_run, vit_run_longe
     assert validation["mode"] == "head" and set(validation["accuracy"]) == set(bases)
     assert set(validation["tau"]) == set(SCORES)
     assert all(tau is not None and -1 <= tau <= 1 for tau in validation["tau"].values())
+    assert set(validation["tau_by_metric"]) == set(METRICS)
+    assert validation["tau_by_metric"][validation["metric"]] == validation["tau"]
     assert not (out / "adapt").exists(), "adapt runs go to a temporary folder unless --keep"
     assert main(argv) == EXIT_BAD_INPUT and "--overwrite" in capsys.readouterr().err
 
