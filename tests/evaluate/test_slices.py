@@ -145,7 +145,7 @@ def test_format_lists_slice_and_examples():
         (dict(correct=np.full(600, 2)), "other than 0/1"),
         (dict(correct=np.full(600, 0.5)), "booleans"),
         (dict(ids=IDS[:-1]), "599 ids for 600"),
-        (dict(num_clusters=301), "lower num_clusters to at most 300"),
+        (dict(num_clusters=301), r"lower num_clusters \(--clusters\) to at most 300"),
         (dict(num_clusters=1), "integer >= 2"),
         (dict(alpha=0.0), r"alpha .* \(0, 1\)"),
         (dict(min_size=0), "min_size"),
