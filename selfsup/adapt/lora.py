@@ -128,10 +128,14 @@ def add_lora(
         if already:
             raise SelfsupError(f"{type(module).__name__} already has LoRA adapters on all its linear layers "
                                f"({', '.join(already[:4])}, ...); add_lora once per module")
+        kinds = sorted({type(m).__name__ for m in module.modules() if not list(m.children()) and
+                        any(True for _ in m.parameters(recurse=False))})
         raise SelfsupError(
-            f"{type(module).__name__} has no nn.Linear layers for LoRA to adapt (a ResNet's layers are "
-            f"convolutions); LoRA adapts the attention and MLP projections of transformer encoders such as "
-            f"vit_tiny or text_encoder: use mode=head (frozen encoder + head) or mode=finetune for this encoder"
+            f"{type(module).__name__} has no nn.Linear layers for LoRA to adapt (its weighted layers are "
+            f"{', '.join(kinds) or 'none'}; a ResNet's are convolutions, GPT-2's projections are transformers' "
+            f"Conv1D); LoRA adapts the attention and MLP projections of transformer encoders such as vit_tiny, "
+            f"text_encoder or a BERT-style hf: folder: use mode=head (frozen encoder + head) or mode=finetune for "
+            f"this encoder"
         )
     chosen = [name for name in linears if any(_matches(name, t) for t in targets)]
     unmatched = [t for t in targets if not any(_matches(name, t) for name in linears)]

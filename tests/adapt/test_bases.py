@@ -84,3 +84,12 @@ def test_hf_base_needs_data_and_a_real_folder(tmp_path, exported):
         load_base(f"hf:{tmp_path / 'nowhere'}")
     with pytest.raises(SelfsupError, match="config.yaml"):
         base_splits(str(tmp_path), None)
+
+
+def test_lora_on_a_gpt2_folder_names_its_conv1d_layers(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=40)
+    run = tmp_path / "run"
+    pretrain(load_config(None, text_overrides(corpus, "next_token", **{"train.steps": 1})), run, show_progress=False)
+    folder = export_hf(run, tmp_path / "hf")
+    with pytest.raises(SelfsupError, match=r"Conv1D.*mode=head"):
+        adapt(f"hf:{folder}", tmp_path / "task", AdaptConfig(mode="lora", epochs=1), data=str(corpus), runtime=CPU)
