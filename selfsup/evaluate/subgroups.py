@@ -16,12 +16,13 @@ exist, because its accuracy is mostly noise.
 
 from __future__ import annotations
 
+import math
 import numbers
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import fisher_exact
+from scipy.stats import fisher_exact, norm
 
 from selfsup.errors import SelfsupError
 from selfsup.evaluate.predictions import Predictions, choose_group_columns
@@ -146,6 +147,20 @@ def metrics_with_ci(label: np.ndarray, pred: np.ndarray, conf: np.ndarray, num_c
 # --- significance ---------------------------------------------------------------------------------
 
 
+def wilson_interval(successes: int, n: int, confidence_level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (Wilson 1927). Unlike the percentile bootstrap it does
+    not collapse to a point when a small group is all right or all wrong: 0 of 1 right gives
+    [0, 0.79] at 95 %, where the bootstrap gives [0, 0]."""
+    if n <= 0:
+        raise SelfsupError("a proportion's interval needs at least one row")
+    z = float(norm.ppf(0.5 + confidence_level / 2))
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def group_vs_rest_p(correct_in: int, n_in: int, correct_all: int, n_all: int) -> float | None:
     """Two-sided p-value that a group's accuracy differs from that of the other rows, by Fisher's
     exact test on the 2x2 table (group, rest) x (right, wrong); None when the group is every row.
@@ -245,6 +260,7 @@ def _column(name: str, values: np.ndarray, label: np.ndarray, guess: np.ndarray,
                                   confidence_level=settings["confidence_level"],
                                   rng=_rng(settings["seed"], name, group), num_bins=settings["num_bins"])
         n_in, correct_in = len(idx), int(correct[idx].sum())
+        metrics["accuracy"]["wilson"] = list(wilson_interval(correct_in, n_in, settings["confidence_level"]))
         rest = n_all - n_in
         groups.append({"group": group, "n": n_in, "small": n_in < settings["min_n"], **metrics,
                        "gap_to_overall": metrics["accuracy"]["value"] - overall_accuracy,

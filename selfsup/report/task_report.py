@@ -61,6 +61,14 @@ def _p(p: float | None) -> str:
     return "" if p is None else f"{p:.2g}"
 
 
+def _wilson(group: dict[str, Any]) -> str:
+    """Wilson's interval under a small group's bootstrap one, which can collapse to a point."""
+    interval = group["accuracy"].get("wilson")
+    if not group["small"] or interval is None:
+        return ""
+    return f"<br><small>Wilson [{interval[0] * 100:.1f}, {interval[1] * 100:.1f}]</small>"
+
+
 def _subgroup_section(sub: dict[str, Any]) -> list[str]:
     s, o = sub["settings"], sub["overall"]
     level = f"{100 * s['confidence_level']:g}%"
@@ -70,8 +78,8 @@ def _subgroup_section(sub: dict[str, Any]) -> list[str]:
              f"{s['num_bootstrap']} resamples).</p>",
              f"<p class=\"note\">p: {html.escape(s['test'])}; {html.escape(s['correction'])}. "
              f"<span class=\"flag\">*</span> significant at {s['alpha']:g}; groups under {s['min_n']} rows are "
-             "flagged <em>small</em> and kept: their intervals are wide, or collapse to a point when every row of the "
-             "group is right (or wrong), which means too few rows, not certainty.</p>"]
+             "flagged <em>small</em> and kept. A small group's bootstrap interval collapses to a point when every row "
+             "is right (or wrong), so small groups also get Wilson's score interval, which the bars show.</p>"]
     if not sub["columns"]:
         parts.append("<p>The data have no group columns, so there is nothing to break down.</p>")
     for name, col in sub["columns"].items():
@@ -83,7 +91,7 @@ def _subgroup_section(sub: dict[str, Any]) -> list[str]:
                      f"vs the best, {html.escape(str(col['best']))}){verdict}.</p>")
         parts.append(figure_html(_bars(name, col, o["accuracy"]["value"], level), f"accuracy by {name}"))
         rows = "".join(
-            f"<tr><td>{html.escape(g['group'])}</td><td>{g['n']}</td><td>{_ci(g['accuracy'])}</td>"
+            f"<tr><td>{html.escape(g['group'])}</td><td>{g['n']}</td><td>{_ci(g['accuracy'])}{_wilson(g)}</td>"
             f"<td>{g['macro_f1']['value']:.3f}</td><td>{g['ece']['value']:.3f}</td><td>{g['gap_to_overall'] * 100:+.1f}</td>"
             f"<td>{_p(g['p_holm'])}</td>"
             f"<td>{'<span class=flag>*</span> ' if g['significant'] else ''}{'small' if g['small'] else ''}</td></tr>"
@@ -99,14 +107,17 @@ def _bars(name: str, col: dict[str, Any], overall: float, level: str) -> str:
     ax = fig.add_subplot()
     y = np.arange(len(groups))[::-1]
     acc = np.array([g["accuracy"]["value"] for g in groups])
-    low = acc - np.array([g["accuracy"]["low"] for g in groups])
-    high = np.array([g["accuracy"]["high"] for g in groups]) - acc
+    # Small groups' bars carry Wilson's interval: their bootstrap one can be a point (n = 1, all wrong).
+    bounds = [g["accuracy"]["wilson"] if g["small"] and "wilson" in g["accuracy"]
+              else (g["accuracy"]["low"], g["accuracy"]["high"]) for g in groups]
+    low = np.clip(acc - np.array([b[0] for b in bounds]), 0, None)
+    high = np.clip(np.array([b[1] for b in bounds]) - acc, 0, None)
     colours = ["#c44" if g["significant"] and g["gap_to_overall"] < 0 else "#9ab" if g["small"] else "#48a" for g in groups]
     ax.barh(y, acc, xerr=[low, high], color=colours, capsize=2)
     ax.axvline(overall, color="black", linestyle="--", linewidth=1, label=f"overall {overall:.1%}")
     ax.set_yticks(y, [f"{g['group'][:28]} (n={g['n']})" for g in groups], fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"accuracy with {level} CI")
+    ax.set_xlabel(f"accuracy with {level} CI (Wilson for small groups)")
     more = len(col["groups"]) - len(groups)
     ax.set_title(f"{name}" + (f" (worst {len(groups)}; {more} more in the table)" if more > 0 else ""), fontsize=10)
     ax.legend(loc="lower right", fontsize=8)

@@ -266,3 +266,14 @@ def test_bad_files_and_unknown_group_columns(tmp_path):
     path = _write(tmp_path / "q.csv", HEADER, ROWS)
     with pytest.raises(SelfsupError, match=r"q\.csv: no group column 'sex'; the group columns are \['site', 'scanner'\]"):
         read_predictions(path, group_columns=["sex"])
+
+
+def test_wilson_interval_matches_reference_values_and_never_collapses():
+    from selfsup.evaluate.subgroups import wilson_interval
+
+    assert wilson_interval(0, 1) == pytest.approx((0.0, 0.7935), abs=1e-4)  # z^2 / (1 + z^2) at 95 %
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    low, high = wilson_interval(30, 30)
+    assert high == pytest.approx(1.0) and 0.88 < low < 0.89
+    with pytest.raises(SelfsupError):
+        wilson_interval(0, 0)
