@@ -128,8 +128,8 @@ def add_lora(
         if already:
             raise SelfsupError(f"{type(module).__name__} already has LoRA adapters on all its linear layers "
                                f"({', '.join(already[:4])}, ...); add_lora once per module")
-        kinds = sorted({type(m).__name__ for m in module.modules() if not list(m.children()) and
-                        any(True for _ in m.parameters(recurse=False))})
+        kinds = sorted({type(m).__name__ for m in module.modules()
+                        if next(m.parameters(recurse=False), None) is not None})
         raise SelfsupError(
             f"{type(module).__name__} has no nn.Linear layers for LoRA to adapt (its weighted layers are "
             f"{', '.join(kinds) or 'none'}; a ResNet's are convolutions, GPT-2's projections are transformers' "

@@ -8,11 +8,9 @@ import torch
 from selfsup.adapt.bases import HFTextEncoder, base_splits, load_base
 from selfsup.adapt.run import adapt, load_task, predict
 from selfsup.adapt.task import AdaptConfig
-from selfsup.config import load_config
 from selfsup.errors import SelfsupError
-from selfsup.train.pretrain import pretrain
 from selfsup.train.runtime import Runtime
-from tests.train.test_pretrain_text import text_overrides, write_corpus
+from tests.train.test_pretrain_text import tiny_text_run
 
 pytest.importorskip("transformers")
 from selfsup.export.hf import export_hf  # noqa: E402
@@ -24,9 +22,7 @@ CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
 def exported(tmp_path_factory):
     """(run dir, its corpus, the run exported as a Hugging Face folder)."""
     root = tmp_path_factory.mktemp("hf")
-    corpus = write_corpus(root / "corpus.jsonl", num_docs=90)
-    run = root / "run"
-    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 4})), run, show_progress=False)
+    run, corpus = tiny_text_run(root, num_docs=90, steps=4)
     return run, corpus, export_hf(run, root / "hf")
 
 
@@ -87,9 +83,7 @@ def test_hf_base_needs_data_and_a_real_folder(tmp_path, exported):
 
 
 def test_lora_on_a_gpt2_folder_names_its_conv1d_layers(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=40)
-    run = tmp_path / "run"
-    pretrain(load_config(None, text_overrides(corpus, "next_token", **{"train.steps": 1})), run, show_progress=False)
+    run, corpus = tiny_text_run(tmp_path, "next_token", num_docs=40, steps=1)
     folder = export_hf(run, tmp_path / "hf")
     with pytest.raises(SelfsupError, match=r"Conv1D.*mode=head"):
         adapt(f"hf:{folder}", tmp_path / "task", AdaptConfig(mode="lora", epochs=1), data=str(corpus), runtime=CPU)

@@ -14,7 +14,7 @@ from selfsup.config import load_config
 from selfsup.errors import SelfsupError
 from selfsup.train.pretrain import pretrain
 from selfsup.train.runtime import Runtime
-from tests.train.test_pretrain_text import text_overrides, write_corpus
+from tests.train.test_pretrain_text import tiny_text_run
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
 VIT_RUN = ["method.name=mae", "data.source=digits", "data.image_size=16", "encoder.name=vit_tiny", "encoder.dim=32",
@@ -31,11 +31,7 @@ def vit_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    corpus = write_corpus(root / "corpus.jsonl", num_docs=120)
-    out = root / "run"
-    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 2})), out, show_progress=False)
-    return out
+    return tiny_text_run(tmp_path_factory.mktemp("text"), num_docs=120)[0]
 
 
 @pytest.mark.parametrize("mode", ["head", "lora", "finetune"])

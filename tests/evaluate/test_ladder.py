@@ -13,7 +13,7 @@ from selfsup.evaluate.ladder import METRICS, default_ladder, resolve_ladder, run
 from selfsup.evaluate.transferability import SCORES
 from selfsup.train.pretrain import pretrain
 from selfsup.train.runtime import Runtime
-from tests.train.test_pretrain_text import text_overrides, write_corpus
+from tests.train.test_pretrain_text import tiny_text_run
 
 VIT_RUN = ["method.name=mae", "data.source=digits", "data.image_size=16", "encoder.name=vit_tiny", "encoder.dim=32",
            "encoder.depth=2", "encoder.heads=2", "train.batch_size=32", "train.precision=fp32",
@@ -40,11 +40,7 @@ def vit_run_longer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    corpus = write_corpus(root / "corpus.jsonl", num_docs=60)
-    out = root / "run"
-    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 2})), out, show_progress=False)
-    return out
+    return tiny_text_run(tmp_path_factory.mktemp("text"), num_docs=60)[0]
 
 
 def test_leverage_end_to_end_writes_table_plot_and_every_run(tmp_path, vit_run, capsys):

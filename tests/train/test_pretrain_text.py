@@ -44,6 +44,14 @@ def text_overrides(corpus: Path, method: str, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def tiny_text_run(root: Path, method: str = "mlm", num_docs: int = 60, steps: int = 2) -> tuple[Path, Path]:
+    """(run directory, its corpus): a tiny text run for the tests of what comes after pretraining."""
+    corpus = write_corpus(root / "corpus.jsonl", num_docs=num_docs)
+    run = root / "run"
+    pretrain(load_config(None, text_overrides(corpus, method, **{"train.steps": steps})), run, show_progress=False)
+    return run, corpus
+
+
 def rows(run: Path) -> list[dict]:
     out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in out:
