@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from selfsup.adapt.frozen import document_chunks, pad_chunks, prepare_images
+from selfsup.adapt.frozen import prepare_images
 from selfsup.adapt.run import load_task, task_split, write_predictions
 from selfsup.adapt.task import TaskInputs, TaskModel, features_and_logits
 from selfsup.data.images import ImageSet

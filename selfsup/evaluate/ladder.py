@@ -39,7 +39,6 @@ import torch
 
 from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
 from selfsup.adapt.run import adapt
-from selfsup.adapt.sampling import k_shot as k_shot_rows
 from selfsup.adapt.sampling import stratified_fraction
 from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
 from selfsup.adapt.task import AdaptConfig
