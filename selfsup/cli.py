@@ -1,7 +1,7 @@
 """The `selfsup` command: parse arguments and dispatch, nothing else.
 
-Exit codes: 0 success; 2 bad input or config (the message says what to change); 75 interrupted by
-SIGINT/SIGTERM after writing a checkpoint (rerun with --resume); 130 a second Ctrl-C.
+Exit codes: 0 success; 2 bad input or config (the message says what to change); 75 stopped by
+SIGINT/SIGTERM at a safe point, with a checkpoint (rerun with --resume); 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -269,10 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import nullcontext
+
+    from selfsup.train.stop import EXIT_INTERRUPTED, Interrupted, StopSignal
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from selfsup.train.loop import EXIT_INTERRUPTED, Interrupted
+    # Training commands stop at a safe point on SIGINT/SIGTERM; the handler goes in before anything
+    # slow (torch's import, the data load), so a signal during start-up stops cleanly too. Other
+    # commands keep Python's default: Ctrl-C stops them at once (they write their outputs atomically).
+    with StopSignal() if args.command in ("pretrain", "demo") else nullcontext():
+        return _dispatch(args, EXIT_INTERRUPTED, Interrupted)
 
+
+def _dispatch(args: argparse.Namespace, exit_interrupted: int, interrupted: type[Exception]) -> int:
     try:
         if args.command == "pretrain":
             from selfsup.commands import run_pretrain
@@ -330,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             from selfsup.commands import run_data_list
 
             run_data_list()
-    except Interrupted as err:
+    except interrupted as err:
         log.warning("%s", err)
-        return EXIT_INTERRUPTED
+        return exit_interrupted
     except SelfsupError as err:
         print(f"selfsup: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,10 +28,6 @@ def run_pretrain(args: argparse.Namespace) -> None:
     if result.fit.last_row:
         shown = {k: round(v, 4) for k, v in result.fit.last_row.items() if isinstance(v, float)}
         log.info("done: %d steps, %s; encoder in %s", result.fit.steps, shown, args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        from selfsup.report.html import write_report
-
-        write_report(args.out, f"selfsup pretrain: {args.out}")
 
 
 def run_probe(args: argparse.Namespace) -> None:

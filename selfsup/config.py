@@ -5,13 +5,15 @@ and encoder sections are open-ended (their fields depend on `method.name` / `enc
 they are validated against the chosen method's / encoder's own `Config` dataclass.
 
 Validation is strict on purpose: an unknown key is an error that names the nearest valid key
-(a typo must never silently fall back to a default), and every value is checked for its type.
+(a typo must never silently fall back to a default), and every value is checked for its type;
+a float must also be finite (NaN and ±inf pass range checks like `lr <= 0` and fail mid-run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,9 +151,7 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
             raise SelfsupError(f"`{key}` must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SelfsupError(f"`{key}` must be a number, got {value!r}")
-        return float(value)
+        return _check_float(key, value)
     if hint is str:
         if not isinstance(value, str):
             raise SelfsupError(f"`{key}` must be a string, got {value!r}")
@@ -161,6 +161,31 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
             raise SelfsupError(f"`{key}` must be a mapping of {hint.__name__} fields, got {value!r}")
         return from_dict(hint, value, prefix=f"{key}.")
     raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def _check_float(key: str, value: Any) -> float:
+    """`value` as a finite float. NaN slips past every range check (`nan <= 0` is false) and ±inf
+    past most, then fails deep inside training after the run folder was written, so neither is a
+    setting: YAML's `.nan`/`.inf`, an override's `nan`/`inf`/`-inf` and an integer too large for a
+    float are all refused here, where every float knob of every section passes."""
+    if isinstance(value, str):
+        # An override's `nan`/`inf` arrives as a string (YAML spells them `.nan`/`.inf`): say what is
+        # wrong with it rather than that it is not a number. Other strings stay errors below.
+        try:
+            number = float(value)
+        except ValueError:
+            number = 0.0
+        if not math.isfinite(number):
+            raise SelfsupError(f"`{key}`: {number} is not a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SelfsupError(f"`{key}` must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise SelfsupError(f"`{key}`: {number} is not a finite number")
+    return number
 
 
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -326,7 +351,13 @@ def validate(cfg: RunConfig) -> None:
             raise SelfsupError(f"`probe.fractions` must be in (0, 1], got {frac}")
     method_config(cfg.method)
     encoder_name = _name(cfg.encoder, "encoder")
-    encoder_cfg = encoder_config(encoder_name, {k: v for k, v in cfg.encoder.items() if k != "name"})
+    encoder_knobs = {k: v for k, v in cfg.encoder.items() if k != "name"}
+    encoder_cfg = encoder_config(encoder_name, encoder_knobs)
+    # encoder_config checks names and the encoder's own rules; the values' types (and finiteness: a
+    # NaN mlp_ratio passes `<= 0`) are checked against its Config's hints like every other section.
+    encoder_hints = typing.get_type_hints(type(encoder_cfg))
+    for key, value in encoder_knobs.items():
+        _check_value(f"encoder.{key}", value, encoder_hints[key])
     spec = method_spec(cfg.method["name"])
     modality = ENCODERS[encoder_name].modality
     if modality != spec.modality:

@@ -48,7 +48,7 @@ def run_demo(out: Path, *, steps: int | None = None, overrides: Sequence[str] = 
         base["data"].update(source="digits", image_size=16)
     extra = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
     cfg = load_config(None, extra, base=base)
-    result = pretrain(None if resume else cfg, out, resume=resume, overwrite=overwrite)
+    result = pretrain(None if resume else cfg, out, resume=resume, overwrite=overwrite, report=False)
     if resume:
         cfg = load_config(Path(out) / "config.yaml")
 

@@ -30,7 +30,7 @@ def test_non_empty_output_is_refused_and_untouched(tmp_path, capsys):
     assert main(["pretrain", *TINY_RUN, "--out", str(out)]) == EXIT_BAD_INPUT
     assert "not empty" in capsys.readouterr().err
     assert main(["pretrain", *TINY_RUN, "--out", str(out), "--overwrite"]) == EXIT_BAD_INPUT
-    assert "not a selfsup run directory" in capsys.readouterr().err
+    assert "not a folder selfsup made" in capsys.readouterr().err
     assert _snapshot(out) == before
 
 

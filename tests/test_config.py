@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,106 @@ def test_a_run_written_before_a_key_was_renamed_still_loads(tmp_path):
     assert load_config(old).train.eval_every == 7
     with pytest.raises(SelfsupError, match="eval_every"):
         load_config(old, ["train.eval_every=3"])
+
+
+# ---- non-finite numbers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("train.lr=nan", "train.lr", "nan"),
+    ("train.lr=inf", "train.lr", "inf"),
+    ("train.lr=-inf", "train.lr", "-inf"),
+    ("train.lr=.nan", "train.lr", "nan"),
+    ("train.lr=.inf", "train.lr", "inf"),
+    ("train.lr=-.inf", "train.lr", "-inf"),
+    ("train.lr=1e400", "train.lr", "inf"),  # overflows to inf when read
+    ("train.betas=[0.9, .nan]", "train.betas[1]", "nan"),
+    ("train.grad_clip=.inf", "train.grad_clip", "inf"),  # an Optional float
+    ("probe.fractions=[0.5, .nan]", "probe.fractions[1]", "nan"),
+    ("data.holdout_fraction=nan", "data.holdout_fraction", "nan"),  # the range check alone let nan through
+    ("data.max_bad_fraction=inf", "data.max_bad_fraction", "inf"),
+    ("method.temperature=.nan", "method.temperature", "nan"),
+    ("views.flip_p=.nan", "views.flip_p", "nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key, shown):
+    with pytest.raises(SelfsupError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"`{key}`: {shown} is not a finite number"
+
+
+def test_non_finite_encoder_knob_is_refused():
+    # The encoder's own Config (TextTransformerConfig.mlp_ratio) is checked like every other section.
+    with pytest.raises(SelfsupError, match=r"^`encoder.mlp_ratio`: nan is not a finite number$"):
+        load_config(None, ["method.name=mlm", "encoder.mlp_ratio=.nan"])
+
+
+def test_non_finite_numbers_in_a_yaml_file_are_refused(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    for text, key, shown in [("train:\n  lr: .nan\n", "train.lr", "nan"),
+                             ("train:\n  weight_decay: -.inf\n", "train.weight_decay", "-inf"),
+                             ("train:\n  betas: [.NaN, 0.99]\n", "train.betas[0]", "nan"),
+                             ("probe:\n  fractions: [.Inf]\n", "probe.fractions[0]", "inf")]:
+        path.write_text(text)
+        with pytest.raises(SelfsupError) as err:
+            load_config(path)
+        assert str(err.value) == f"`{key}`: {shown} is not a finite number", text
+
+
+def _float_overrides(cls: type, prefix: str) -> list[str]:
+    """`key=value` overrides putting NaN in every float knob of dataclass `cls` (plain, Optional, tuple, list)."""
+    import dataclasses
+    import types
+    import typing
+
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = list(typing.get_args(hint)) if union else [hint]  # `float | None`: each alternative
+        if float in options:
+            out.append(f"{prefix}{name}=.nan")
+        for option in options:
+            args = typing.get_args(option)
+            if typing.get_origin(option) in (list, tuple) and args and args[0] is float:
+                length = len(args) if typing.get_origin(option) is tuple and args[-1] is not Ellipsis else 1
+                out.append(f"{prefix}{name}=[{', '.join(['.nan'] * length)}]")
+    assert {f.name for f in dataclasses.fields(cls)}  # a dataclass
+    return out
+
+
+def _every_float_knob() -> list[tuple[list[str], str]]:
+    """(base overrides, nan override) for every float knob of every section, method and encoder."""
+    from selfsup.config import DataConfig, ProbeConfig, TokenizerConfig, TrainConfig
+    from selfsup.data.views import ViewsConfig
+    from selfsup.encoders import ENCODERS
+    from selfsup.methods import METHODS
+
+    cases = []
+    for cls, section in [(DataConfig, "data"), (TokenizerConfig, "tokenizer"), (TrainConfig, "train"),
+                         (ProbeConfig, "probe"), (ViewsConfig, "views")]:
+        cases += [([], o) for o in _float_overrides(cls, f"{section}.")]
+    for name, spec in METHODS.items():
+        cases += [([f"method.name={name}"], o) for o in _float_overrides(spec.config, "method.")]
+    for name, enc in ENCODERS.items():
+        # A method that trains this kind of encoder: the one defaulting to it, else to the same Config type.
+        method = next((m for m, s in METHODS.items() if s.encoder == name), None) or next(
+            m for m, s in METHODS.items() if ENCODERS[s.encoder].config_type is enc.config_type)
+        base = [f"method.name={method}", f"encoder.name={name}"]
+        cases += [(base, o) for o in _float_overrides(enc.config_type, "encoder.")]
+    return cases
+
+
+_FLOAT_KNOBS = _every_float_knob()
+
+
+def test_every_float_knob_is_covered():
+    keys = {o.split("=")[0] for _, o in _FLOAT_KNOBS}
+    # A sample from each kind of section, so an empty discovery cannot pass the test below vacuously.
+    assert {"train.lr", "train.betas", "train.grad_clip", "probe.fractions", "data.holdout_fraction",
+            "views.crop_scale", "method.temperature", "method.mask_ratio", "encoder.mlp_ratio"} <= keys
+
+
+@pytest.mark.parametrize("base, override", _FLOAT_KNOBS, ids=[" ".join(b + [o]) for b, o in _FLOAT_KNOBS])
+def test_every_float_knob_refuses_nan(base, override):
+    key = override.split("=")[0]
+    with pytest.raises(SelfsupError, match=rf"^`{re.escape(key)}(\[0\])?`: nan is not a finite number$"):
+        load_config(None, [*base, override])

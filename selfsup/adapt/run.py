@@ -22,10 +22,15 @@ from selfsup.data.images import ImageSet
 from selfsup.data.text import TextSet
 from selfsup.data.tokenizer import TextTokenizer
 from selfsup.errors import SelfsupError
+from selfsup.files import claim_output, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
 from selfsup.train.pretrain import TOKENIZER_FILE
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
+
+# Everything a task folder may hold: adapt's files, then predict's, evaluate's and report's.
+TASK_FILES = names_in(TASK_WEIGHTS, ADAPTER_WEIGHTS, TASK_META, METRICS, TOKENIZER_FILE, "predictions.csv", "evaluation",
+                      "report.html", "report.png", "MODEL_CARD.md")
 
 
 def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, runtime: Runtime | None = None,
@@ -33,12 +38,7 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
     """Trains a classifier from `base` on the labelled training rows of the base run's data (or `data`),
     scores it on the held-out rows, and writes the task run directory `out`. Returns the metrics."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise SelfsupError(f"{out}: directory is not empty; pass --overwrite or choose another --out")
-        if not (out / TASK_META).is_file():
-            raise SelfsupError(f"{out}: not a selfsup task run (no {TASK_META}); refusing to delete it")
-        shutil.rmtree(out)
+    claim_output(out, "task", TASK_FILES, overwrite=overwrite)  # checked now, replaced whole once trained
     runtime = runtime or init_runtime("auto", "auto")
     run_cfg, train, holdout = base_splits(base, data)
     encoder, meta, tokenizer = load_base(base)
@@ -64,20 +64,35 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
 
 def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, tokenizer: TextTokenizer | None,
           classes: list[str] | None, source: str, metrics: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Builds the task folder beside `out` and swaps it in: `out` is one whole task, old or new."""
+    built = temp_dir(out.parent, f".{out.name}.")
+    try:
+        _write_task(built, model, cfg, base, meta, tokenizer, classes, source, metrics)
+        mark(built, "task")
+        swap_dir(built, out)
+    except OSError as err:
+        raise SelfsupError(f"{out}: could not write the task ({err.strerror or err}); "
+                           "any previous task there is unchanged") from None
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+
+
+def _write_task(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, tokenizer: TextTokenizer | None,
+                classes: list[str] | None, source: str, metrics: dict) -> None:
     if cfg.mode == "lora":
         from selfsup.adapt.lora import lora_state_dict, merge_lora
 
         adapter = {**lora_state_dict(model.encoder), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / ADAPTER_WEIGHTS))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
+        write_with(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
         merge_lora(model.encoder)  # the task model itself needs no adapter code
-    save_model(model.cpu(), str(out / TASK_WEIGHTS))
+    write_with(out / TASK_WEIGHTS, lambda tmp: save_model(model.cpu(), str(tmp)))
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
     task = {"base": base, "encoder": meta["encoder"], "preprocess": meta["preprocess"], "adapt": asdict(cfg),
             "classes": classes, "data": source, "num_params": sum(p.numel() for p in model.encoder.parameters())}
-    (out / TASK_META).write_text(json.dumps(task, indent=1))
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    write_atomic(out / TASK_META, json.dumps(task, indent=1))
+    write_atomic(out / METRICS, json.dumps(metrics, indent=1))
 
 
 def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer | None]:

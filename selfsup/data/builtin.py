@@ -23,7 +23,6 @@ import gzip
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 
 from selfsup.data.images import ImageSet, images_from_array
 from selfsup.errors import SelfsupError
+from selfsup.files import write_with
 
 logger = logging.getLogger("selfsup")
 
@@ -185,13 +185,10 @@ def _write_cache(cache_file: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write via a temporary file and os.replace, so a reader never sees half a cache."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        def savez(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: given a path, np.savez would append ".npz"
                 np.savez(fh, x=x, y=y)
-            os.replace(tmp_name, cache_file)
-        except BaseException:
-            os.unlink(tmp_name)
-            raise
+
+        write_with(cache_file, savez)
     except OSError as err:  # a read-only home must not stop a load that already succeeded
         logger.warning("could not write the cache %s (%s); the next load will parse again", cache_file, err)

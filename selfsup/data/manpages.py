@@ -40,6 +40,7 @@ from selfsup.data.builtin import cache_dir
 from selfsup.data.text import TextSet, iter_text_source, texts_from_records
 from selfsup.data.prepared import debian_package_versions, read_stamp
 from selfsup.errors import SelfsupError
+from selfsup.files import follow_umask
 
 logger = logging.getLogger("selfsup")
 
@@ -197,7 +198,7 @@ def _write_atomically(target: Path, write: Callable[[TextIO], object]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             write(fh)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the corpus is as readable as any file
+        follow_umask(Path(tmp_name))  # mkstemp makes it private; the corpus is as readable as any file
         os.replace(tmp_name, target)
     except BaseException:
         if os.path.exists(tmp_name):

@@ -4,6 +4,7 @@ atomic swap of a finished build into place, and the progress bar of a long prepa
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -54,10 +55,29 @@ def chmod_like_mkdir(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
 
 
+def _manifest_folders(manifest: Path) -> set[str]:
+    """The top-level folders of the `path` column of a prepared dataset's manifest (empty if unreadable)."""
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            return {row["path"].split("/", 1)[0] for row in csv.DictReader(fh) if "/" in (row.get("path") or "")}
+    except (OSError, ValueError, KeyError, csv.Error):
+        return set()
+
+
 def swap_into_place(building: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, moving a previous build aside first and deleting it after."""
+    """Rename the finished folder to `out`, moving a previous build aside first and deleting it after.
+
+    The previous build may hold only what a build writes — the new build's names, and the image
+    folders its own manifest.csv lists: anything else was put there by someone else, and is never
+    deleted (`--force` included)."""
     old = None
     if out.exists():
+        listed = _manifest_folders(out / "manifest.csv")
+        foreign = sorted(p.name for p in out.iterdir()
+                         if not (building / p.name).exists() and not p.name.startswith(".") and p.name not in listed)
+        if foreign:
+            raise SelfsupError(f"{out}: holds files a selfsup build does not write ({', '.join(foreign[:8])}); "
+                               "refusing to replace it. Move them out, or choose another --out")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
     try:

@@ -32,8 +32,6 @@ save tokenizer.json with the run, reuse the saved file — never retrain on resu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal, get_args
@@ -41,6 +39,7 @@ from typing import Literal, get_args
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from selfsup.errors import SelfsupError
+from selfsup.files import write_atomic
 
 TokenizerKind = Literal["wordpiece", "bpe"]
 KINDS: tuple[str, ...] = get_args(TokenizerKind)
@@ -148,15 +147,7 @@ class TextTokenizer:
         file in the same folder, then a rename, so a crash never leaves half a tokenizer behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = self._tokenizer.to_str(pretty=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp_name, path)
-        except BaseException:
-            os.unlink(tmp_name)
-            raise
+        write_atomic(path, self._tokenizer.to_str(pretty=True))
 
     @classmethod
     def load(cls, path: Path) -> TextTokenizer:

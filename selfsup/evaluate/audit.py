@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +41,7 @@ from selfsup.data.images import ImageSet
 from selfsup.data.text import TextSet
 from selfsup.data.views import crop_flip_resize, sample_crop_boxes
 from selfsup.errors import SelfsupError
+from selfsup.files import check_owned, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
 from selfsup.evaluate.representation import format_diagnostics, representation_diagnostics
 from selfsup.evaluate.slices import discover_slices, format_slices
 from selfsup.evaluate.predictions import read_predictions
@@ -52,6 +51,11 @@ from selfsup.train.runtime import Runtime, init_runtime
 log = logging.getLogger("selfsup")
 
 EVAL_DIR, EVAL_JSON, EMBEDDINGS, PREDICTIONS = "evaluation", "evaluation.json", "embeddings.safetensors", "predictions.csv"
+
+
+def EVAL_FILES(name: str) -> bool:  # noqa: N802 (a predicate standing for a list of names)
+    """What an evaluation folder holds: its files and the slice thumbnails."""
+    return names_in(EVAL_JSON, EMBEDDINGS, PREDICTIONS)(name) or (name.startswith("slice-") and name.endswith(".png"))
 MAP_MAX_ROWS = 2000  # t-SNE is quadratic; a map of 2,000 points shows the structure
 PAIRS_MAX_ROWS = 1000
 _THUMBNAILS = 8
@@ -99,7 +103,9 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     groups = {name: [values[i] or MISSING for i in labelled.tolist()] for name, values in split.groups.items()
               if group_columns is None or name in group_columns}
     out = task_dir / EVAL_DIR
-    tmp = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{EVAL_DIR}-"))
+    if out.is_dir():  # checked before the work: a previous evaluation is replaced only if it is all ours
+        check_owned(out, "evaluation", EVAL_FILES, flag="a new evaluation", require_marker=False)
+    tmp = temp_dir(task_dir, f".{EVAL_DIR}-")
     try:
         write_predictions(tmp / PREDICTIONS, split, logits.softmax(dim=1), task["classes"])
         subgroups = evaluate_predictions(tmp / PREDICTIONS, group_columns=group_columns, pairs=pairs, min_n=min_n,
@@ -132,17 +138,13 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
         lines.append(format_diagnostics(diagnostics))
         coords, shown, method = embedding_map(z, seed)
         result["map"] = {"method": method, "num_rows": len(shown)}
-        save_file({"features": z.contiguous(), "labels": y.contiguous(), "rows": labelled.contiguous(),
-                   "map": coords.contiguous(), "map_rows": shown.contiguous()}, str(tmp / EMBEDDINGS))
+        arrays = {"features": z.contiguous(), "labels": y.contiguous(), "rows": labelled.contiguous(),
+                  "map": coords.contiguous(), "map_rows": shown.contiguous()}
+        write_with(tmp / EMBEDDINGS, lambda path: save_file(arrays, str(path)))  # safetensors alone writes 0600
         result["seconds"] = time.perf_counter() - began
-        (tmp / EVAL_JSON).write_text(json.dumps(result, indent=1))
-        # Swap in: the old evaluation is moved aside first, so a crash leaves one complete folder.
-        old = task_dir / f".{EVAL_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_atomic(tmp / EVAL_JSON, json.dumps(result, indent=1))
+        mark(tmp, "evaluation")
+        swap_dir(tmp, out)  # the old evaluation is moved aside first, so a crash leaves one complete folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from selfsup.adapt.sampling import stratified_fraction
 from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
 from selfsup.adapt.task import AdaptConfig
 from selfsup.errors import SelfsupError
+from selfsup.files import claim_output, mark, names_in, remove_owned, write_atomic
 from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
 from selfsup.evaluate.transferability import SCORES, format_ranking, score_accuracy_tau, score_bases
 from selfsup.train.runtime import Runtime, init_runtime
@@ -50,6 +51,15 @@ from selfsup.train.runtime import Runtime, init_runtime
 log = logging.getLogger("selfsup")
 
 LEVERAGE_JSON, LEVERAGE_PNG, SELECT_JSON = "leverage.json", "leverage.png", "select.json"
+LEVERAGE_FILES, SELECT_FILES = names_in(LEVERAGE_JSON, LEVERAGE_PNG, "runs"), names_in(SELECT_JSON, "adapt")
+
+
+def _fresh_output(out: Path, kind: str, known: Callable[[str], bool]) -> None:
+    """Empties an output folder `claim_output` accepted (its old kept runs would mix with the new) and marks it."""
+    if out.is_dir() and any(out.iterdir()):
+        remove_owned(out, kind, known)
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, kind)
 SIDES = ("pretrained", "scratch")
 # What leverage and select compare, and the adapt metric each reads. Balanced accuracy (or macro-F1)
 # is the one to use on imbalanced tasks: on the man-page sections, a model that answers "section 3"
@@ -144,8 +154,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
     if num_seeds < 1:
         raise SelfsupError(f"--seeds must be at least 1, got {num_seeds}")
     out = Path(out)
-    if (out / LEVERAGE_JSON).exists() and not overwrite:
-        raise SelfsupError(f"{out / LEVERAGE_JSON}: exists; pass --overwrite or choose another --out")
+    claim_output(out, "leverage", LEVERAGE_FILES, overwrite=overwrite)
     configs = {"pretrained": AdaptConfig(mode=mode, epochs=epochs, patience=patience, text_chunks=text_chunks),
                "scratch": AdaptConfig(mode="finetune", epochs=epochs, patience=patience, lr=scratch_lr, layer_decay=1.0,
                                       text_chunks=text_chunks)}
@@ -159,7 +168,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
     bases = {"pretrained": base, "scratch": f"random:{base}"}
     accuracy: dict[str, list[list[float]]] = {side: [] for side in SIDES}
     runs: list[dict] = []
-    out.mkdir(parents=True, exist_ok=True)
+    _fresh_output(out, "leverage", LEVERAGE_FILES)
     scratch_dir = None if keep else tempfile.TemporaryDirectory(prefix="selfsup-leverage-")
     root = out / "runs" if keep else Path(scratch_dir.name)
     log.info("leverage of %s on %s: %d rungs x %d seeds x 2 sides; %s", base, run_cfg.data.source, len(rungs),
@@ -203,7 +212,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
                      "pretrained_adapt": asdict(configs["pretrained"]), "scratch_adapt": asdict(configs["scratch"])},
         "table": table, "accuracies": accuracy, "runs": runs,
     }
-    (out / LEVERAGE_JSON).write_text(json.dumps(result, indent=1))
+    write_atomic(out / LEVERAGE_JSON, json.dumps(result, indent=1))
     result["text"] = "\n".join([header, *(f"note: {n}" for n in notes), format_leverage(table)])
     return result
 
@@ -238,8 +247,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     if max_samples < 2:
         raise SelfsupError(f"--max-samples must be at least 2, got {max_samples}")
     out = Path(out)
-    if (out / SELECT_JSON).exists() and not overwrite:
-        raise SelfsupError(f"{out / SELECT_JSON}: exists; pass --overwrite or choose another --out")
+    claim_output(out, "select", SELECT_FILES, overwrite=overwrite)
     adapt_cfg = AdaptConfig(mode=mode, epochs=epochs, patience=patience, text_chunks=text_chunks, seed=seed)
     adapt_cfg.validate()
     loaded = {name: load_base(name) for name in bases}
@@ -273,6 +281,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
         embed_seconds[name] = time.perf_counter() - began
         log.info("select: embedded %d rows with %s in %.2f s", len(rows), name, embed_seconds[name])
     ranking = score_bases(features, labels.numpy(), scores=scores, budget_s=budget_s, seed=seed)
+    _fresh_output(out, "select", SELECT_FILES)
     lines = [f"{len(bases)} base(s) on {len(rows)} labelled training rows of {source}"
              + (f", budget {budget_s:g} s" if budget_s is not None else ""), format_ranking(ranking)]
     result: dict[str, Any] = {"bases": bases, "data": source, "modality": modality, "num_samples": len(rows),
@@ -281,8 +290,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     if validate:
         result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime, metric)
         lines += _format_validation(result["validation"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SELECT_JSON).write_text(json.dumps(result, indent=1))
+    write_atomic(out / SELECT_JSON, json.dumps(result, indent=1))
     result["text"] = "\n".join(lines)
     return result
 

@@ -8,7 +8,6 @@ weights without the run's config or any pickle.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,18 @@ from torch import nn
 
 from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
+from selfsup.files import write_atomic, write_with
 
 WEIGHTS, META = "encoder.safetensors", "encoder.json"
 
 
 def save_encoder(directory: Path, encoder: nn.Module, meta: dict[str, Any]) -> None:
-    """Writes both files atomically (temporary name, then rename); `meta` must hold "encoder" and "preprocess"."""
+    """Writes both files atomically (temporary name, fsync, umask mode, rename); `meta` must hold
+    "encoder" and "preprocess"."""
     assert "encoder" in meta and "preprocess" in meta
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{WEIGHTS}.tmp"
-    save_model(encoder, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
-    tmp = directory / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / META)
+    write_with(directory / WEIGHTS, lambda tmp: save_model(encoder, str(tmp)))
+    write_atomic(directory / META, json.dumps(meta, indent=2))
 
 
 def load_encoder(directory: Path) -> tuple[nn.Module, dict[str, Any]]:

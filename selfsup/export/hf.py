@@ -1,11 +1,12 @@
 """Hugging Face export of a text run: a folder `transformers` loads with `from_pretrained`.
 
 `selfsup export --format hf` turns a text run directory (`encoder.safetensors` + `encoder.json` +
-`tokenizer.json`) into `config.json`, `model.safetensors`, `tokenizer.json` and
-`tokenizer_config.json`, loadable with `AutoModelForMaskedLM` / `AutoModelForCausalLM` and
-`AutoTokenizer`, with no selfsup code and no `trust_remote_code`. Rather than a custom architecture,
-each preset maps weight for weight onto an architecture `transformers` already ships, so every tool
-built on it (pipelines, PEFT, TGI, ONNX export, ...) works on our models unchanged:
+`tokenizer.json`) into `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
+`generation_config.json` (GPT-2 only) and a `README.md` model card, loadable with
+`AutoModelForMaskedLM` / `AutoModelForCausalLM` and `AutoTokenizer`, with no selfsup code and no
+`trust_remote_code`. Rather than a custom architecture, each preset maps weight for weight onto an
+architecture `transformers` already ships, so every tool built on it (pipelines, PEFT, TGI, ONNX
+export, ...) works on our models unchanged:
 
 | selfsup `TextTransformer` config                          | Hugging Face model (model_type)                        |
 |-----------------------------------------------------------|--------------------------------------------------------|
@@ -61,21 +62,34 @@ text, while `transformers` recognises them (so `fill-mask` finds "[MASK]"); pass
 Limits: only these two layouts map. Rotary positions, a causal model with embed_norm or
 lm_transform, a bidirectional model without them (or with only one), and non-text encoders raise a
 `SelfsupError` naming the config keys at fault; the run's `encoder.safetensors` + `encoder.json`
-remain the way to use those. Sequences are limited to max_len tokens, as in selfsup.
+remain the way to use those.
+
+Position limit: sequences are limited to max_len tokens, as in selfsup. It is stated where
+transformers reads it: `model_max_length` in tokenizer_config.json (`truncation=True` and the
+text-generation pipeline's `handle_long_generation="hole"` cut to it), `max_length` in
+generation_config.json (`generate()` and the pipeline stop there unless given `max_new_tokens`), and
+the README. transformers 5 does not check an explicit `max_new_tokens` against the position table: past
+it a stock GPT-2 fails with an IndexError, as the README says; `selfsup generate` slides its window.
+
+The folder: built under a temporary name next to `out` (selfsup.files.temp_dir), its files given the
+umask's mode (safetensors writes 0600) and fsynced, marked as a selfsup "export"
+(selfsup.files.mark) and swapped in whole (selfsup.files.swap_dir). `overwrite` replaces only an
+export selfsup made that holds nothing but EXPORT_FILES; a failed write (a full disk) raises a
+SelfsupError naming `out` and leaves the previous export as it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, processors
 from torch import Tensor
 
+from selfsup import files
 from selfsup.data.tokenizer import TextTokenizer
 from selfsup.encoders.text import TextTransformer
 from selfsup.errors import SelfsupError
@@ -85,13 +99,21 @@ from selfsup.export.encoder import META, WEIGHTS, load_encoder
 _GPT2_LAYOUT: dict[str, Any] = {"positions": "learned", "causal": True, "embed_norm": False, "lm_transform": False}
 _ROBERTA_LAYOUT: dict[str, Any] = {"positions": "learned", "causal": False, "embed_norm": True, "lm_transform": True}
 
+# Every file an export folder holds besides selfsup's marker: exactly what `overwrite` may delete.
+# (generation_config.json: GPT-2 only; save_pretrained shards model.safetensors only past 50 GB.)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "README.md")
+_KIND = "export"  # the marker kind (selfsup.files) of an export folder
+
 
 def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Writes a folder that transformers.AutoModelForMaskedLM / AutoModelForCausalLM.from_pretrained
     loads (and AutoTokenizer.from_pretrained), from the text run in `run_dir`; returns `out`.
 
-    The folder is written next to `out` under a temporary name and renamed into place, so a crash
-    never leaves a half export. An existing non-empty `out` is replaced only with `overwrite`.
+    The folder is written next to `out` under a temporary name and renamed into place, so a crash or
+    a full disk never leaves a half export (the previous one stays whole). An existing non-empty `out`
+    is replaced only with `overwrite`, and only when it is an export selfsup made holding nothing but
+    its files (selfsup.files.check_owned): a user's folder, or a file they added, is never deleted.
     """
     run_dir, out = Path(run_dir), Path(out)
     for name in (META, WEIGHTS):
@@ -118,12 +140,7 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the encoder in {run_dir / WEIGHTS} only "
             f"{encoder.vocab_size} embedding rows; this tokenizer does not belong to this run"
         )
-    if out.exists() and not out.is_dir():
-        raise SelfsupError(f"{out}: exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SelfsupError(
-            f"{out}: exists and is not empty; replace it with overwrite (--overwrite), or choose another path"
-        )
+    _check_replaceable(out, overwrite)
 
     try:
         import transformers
@@ -135,6 +152,11 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     if architecture == "gpt2":
         config, state = _gpt2(transformers, encoder, tokenizer)
         model = transformers.GPT2LMHeadModel(config)
+        # max_length = the position limit: `generate` (and the text-generation pipeline, whose own
+        # default of 256 new tokens yields to a max_length the model sets) stops there instead of
+        # indexing past the position table. A fresh config, not one `_from_model_config`, so
+        # transformers keeps it as written.
+        model.generation_config = transformers.GenerationConfig(max_length=encoder.max_len, **_special_ids(tokenizer))
     else:
         config, state = _roberta_prelayernorm(transformers, encoder, tokenizer)
         model = transformers.RobertaPreLayerNormForMaskedLM(config)
@@ -143,21 +165,51 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     model.load_state_dict(state, strict=True)
     model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     progress_bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # one small file: a "Writing shards" bar is noise
+    replacing = out.is_dir() and any(out.iterdir())
+    tmp: Path | None = None
     try:
+        tmp = files.temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's mode, not mkdtemp's 0700
         model.save_pretrained(tmp)
         _write_tokenizer(tmp, tokenizer_path, tokenizer, encoder.max_len)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_readme(tmp, out.name, architecture, encoder.max_len, str(meta.get("method", {}).get("name") or "?"))
+        files.mark(tmp, _KIND)
+        for path in tmp.iterdir():
+            # safetensors (0.8) writes model.safetensors 0600 like mkstemp: give every file the
+            # umask's mode, and get it on disk before the rename makes it the export.
+            files.follow_umask(path)
+            files.fsync_path(path)
+        _check_replaceable(out, overwrite)  # again: a file may have been added to `out` meanwhile
+        files.swap_dir(tmp, out)
+    except (OSError, SafetensorError) as err:
+        # A full disk, a read-only or vanished parent: swap_dir has not touched `out`, or put it back.
+        # safetensors reports its I/O errors as SafetensorError ("... I/O error: No space left on
+        # device (os error 28)"), not OSError. A file is named without the temporary folder's path,
+        # which no longer exists.
+        filename = getattr(err, "filename", None)
+        what = f"{getattr(err, 'strerror', None) or err}" + (f" writing {Path(filename).name}" if filename else "")
+        kept = "the previous export there is unchanged" if replacing else "nothing was written"
+        raise SelfsupError(f"{out}: cannot write the Hugging Face export ({what}); {kept}") from err
     finally:
+        if tmp is not None and tmp.exists():  # gone once swapped in
+            shutil.rmtree(tmp, ignore_errors=True)
         if progress_bars:
             transformers.utils.logging.enable_progress_bar()
     return out
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Raises SelfsupError unless `out` is absent, empty, or (with `overwrite`) an export selfsup made."""
+    if out.exists() and not out.is_dir():
+        raise SelfsupError(f"{out}: exists and is not a folder; choose another output path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise SelfsupError(
+            f"{out}: exists and is not empty; replace it with overwrite (--overwrite), or choose another path"
+        )
+    files.check_owned(out, _KIND, files.names_in(*EXPORT_FILES))
 
 
 def _architecture(encoder: TextTransformer, meta_path: Path) -> str:
@@ -300,22 +352,80 @@ def _write_tokenizer(folder: Path, tokenizer_path: Path, tokenizer: TextTokenize
     else:
         # GPT-2's convention: <|endoftext|> both starts and ends documents; nothing is added on encode.
         config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
-    backend.save(str(folder / "tokenizer.json"), pretty=True)
+    # Written by Python rather than backend.save, whose I/O errors are plain Exceptions: a full disk
+    # must arrive as the OSError export_hf reports.
+    (folder / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` folder to `out`, moving an existing `out` aside first and deleting it
-    last: `out` never holds a mix of two exports, and a failed rename puts the old one back."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.replace(out, old / "export")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "export", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+
+def _write_readme(folder: Path, name: str, architecture: str, max_len: int, method: str) -> None:
+    """README.md (the model card on the Hub): the architecture, how to load it and the position limit,
+    which transformers only partly enforces (see the text-generation notes)."""
+    limit = (
+        f"**Position limit: {max_len} tokens.** The model learned one position vector per token up to "
+        f"{max_len}; it cannot read a longer sequence"
+    )
+    if architecture == "gpt2":
+        body = f"""\
+Architecture: `GPT2LMHeadModel` (model_type `gpt2`), a causal language model.
+
+{limit}: prompt and generated text together must fit in {max_len} tokens.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+folder = "{name}"  # this folder's path, or its Hub repo id
+model = AutoModelForCausalLM.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+generator = pipeline("text-generation", model=folder)
+print(generator("The", do_sample=False)[0]["generated_text"])
+```
+
+At the limit (transformers 5):
+
+- `generation_config.json` sets `max_length={max_len}`, so `generate()` and the pipeline stop there by default.
+- An explicit `max_new_tokens` (or `max_length`) that carries prompt + output past {max_len} tokens
+  fails inside the model (`IndexError: index out of range`): transformers does not check it. Pass
+  `handle_long_generation="hole"` to the pipeline to keep the end of the prompt and leave room for the
+  new tokens, or keep prompt tokens + `max_new_tokens` <= {max_len}.
+- A prompt of {max_len} tokens or more is refused by `generate()` (`ValueError`).
+- `selfsup generate` on the original run slides a {max_len}-token window instead (the model then sees
+  only the last {max_len} tokens), so its output has no such limit.
+"""
+        tag = "text-generation"
+    else:
+        body = f"""\
+Architecture: `RobertaPreLayerNormForMaskedLM` (model_type `roberta-prelayernorm`), a masked language model.
+
+{limit}, `[CLS]` and `[SEP]` included (`model_max_length` in `tokenizer_config.json`).
+
+```python
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+folder = "{name}"  # this folder's path, or its Hub repo id
+model = AutoModelForMaskedLM.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+batch = tokenizer(["a text"], truncation=True, return_tensors="pt")  # truncation: cut at {max_len} tokens
+fill = pipeline("fill-mask", model=folder)
+print(fill("The [MASK] sat.", tokenizer_kwargs={{"truncation": True}}))
+```
+
+A longer input without `truncation=True` fails inside the model (`IndexError: index out of range`).
+The tokenizer recognises special-token strings such as `[MASK]` in the text; selfsup encodes them as
+plain text (`split_special_tokens=True` does the same here).
+"""
+        tag = "fill-mask"
+    text = f"""\
+---
+library_name: transformers
+pipeline_tag: {tag}
+---
+
+# {name}
+
+A text model pretrained with selfsup (method `{method}`) and exported by `selfsup export --format hf`.
+It loads with plain `transformers`: no selfsup code and no `trust_remote_code`.
+
+{body}"""
+    (folder / "README.md").write_text(text, encoding="utf-8")

@@ -34,6 +34,9 @@ class MethodSpec:
     # on the lightness of images only (colourisation), so probes feed it grey versions too.
     input_transform: str | None = None
     vit_only: bool = False  # the objective works on ViT patch tokens (masking patches), not on a CNN
+    # What couples a batch's samples in the objective itself (beyond BatchNorm, which pretrain detects):
+    # with train.accum_steps > 1 it spans one micro-batch, and the run warns so (README: accumulation).
+    batch_coupling: str | None = None
 
     @property
     def modality(self) -> str:
@@ -46,7 +49,8 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "simclr": MethodSpec(simclr.Config, simclr.SimCLR, "views", "SimCLR (Chen et al. 2020): NT-Xent between two views"),
+    "simclr": MethodSpec(simclr.Config, simclr.SimCLR, "views", "SimCLR (Chen et al. 2020): NT-Xent between two views",
+                         batch_coupling="SimCLR's negatives (the other samples of the batch)"),
     "byol": MethodSpec(byol.Config, byol.BYOL, "views", "BYOL (Grill et al. 2020): predict an EMA target's projection of the other view",
                        views={"view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}),
     "dino": MethodSpec(dino.Config, dino.DINO, "views", "DINO (Caron et al. 2021): self-distillation from an EMA teacher over multi-crops",

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
+from selfsup.files import write_with
 
 
 def _sq_distances(x: Tensor, centroids: Tensor, centroid_norms: Tensor) -> Tensor:
@@ -137,10 +138,9 @@ class KMeansTokenizer(nn.Module):
     def save(self, path: Path) -> None:
         """Writes the codebook as safetensors (no pickle), atomically."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"centroids": self.centroids.detach().cpu().contiguous()}, str(tmp),
-                  metadata={"kind": "kmeans", "num_tokens": str(self.num_tokens), "dim": str(self.dim)})
-        tmp.replace(path)
+        write_with(path, lambda tmp: save_file(
+            {"centroids": self.centroids.detach().cpu().contiguous()}, str(tmp),
+            metadata={"kind": "kmeans", "num_tokens": str(self.num_tokens), "dim": str(self.dim)}))
 
     @classmethod
     def load(cls, path: Path) -> KMeansTokenizer:

@@ -14,7 +14,6 @@ uninterrupted one bit for bit (tested with `torch.equal`).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,10 +34,9 @@ from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at
 from selfsup.train.progress import MetricsLog, Progress, TensorBoard
 from selfsup.train.runtime import Runtime
+from selfsup.train.stop import EXIT_INTERRUPTED, Interrupted, StopSignal  # noqa: F401 (EXIT_INTERRUPTED: re-exported)
 
 log = logging.getLogger("selfsup")
-
-EXIT_INTERRUPTED = 75  # SIGINT/SIGTERM: a checkpoint was written; rerun with --resume (EX_TEMPFAIL)
 
 
 class Batches(Protocol):
@@ -47,14 +45,6 @@ class Batches(Protocol):
     num_items: int
 
     def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]: ...
-
-
-class Interrupted(SelfsupError):
-    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written."""
-
-    def __init__(self, step: int, path: Path | None):
-        self.step, self.path = step, path
-        super().__init__(f"interrupted after step {step}; checkpoint {path}; continue with --resume")
 
 
 @dataclass
@@ -69,40 +59,15 @@ def step_generator(device: torch.device, seed: int, rank: int, step: int) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63)
 
 
-class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag read at the next step boundary (handlers restored on exit)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.received = signum
-        log.warning("received %s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *, seed: int,
         resume: bool = False, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
-        stop_after: int | None = None) -> FitResult:
+        stop_after: int | None = None, stop: StopSignal | None = None) -> FitResult:
     """Trains `method` for `cfg.steps` optimizer steps, writing metrics and checkpoints under `run_dir`.
 
     `monitor(method)` (rank 0, eval mode, no grad) returns extra metrics every `cfg.eval_every` steps
     and at the end. `stop_after` ends the call after that many total steps as if the process had
-    died there (tests use it to simulate a crash).
+    died there (tests use it to simulate a crash). `stop` is the caller's signal record (pretrain
+    covers start-up and export too); without one the loop installs its own for the loop's duration.
     """
     device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
     micro_batch, rem = divmod(cfg.batch_size, cfg.accum_steps * world_size)
@@ -119,11 +84,9 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
 
     start = 0
     if resume:
-        path = checkpoint.latest_valid(ckpt_root)
-        if path is None:
-            log.info("no valid checkpoint in %s: starting from step 0", ckpt_root)
-        else:
-            state = checkpoint.load_checkpoint(path, method, optimizer)
+        resumed = checkpoint.resume_latest(ckpt_root, method, optimizer)  # logs why when it is None
+        if resumed is not None:
+            path, state = resumed
             order.load_state_dict(state["data_order"])
             start = int(state["step"])
             log.info("resumed from %s (step %d)", path, start)
@@ -146,7 +109,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         return path
 
     try:
-        with _StopSignal() as stop:
+        with stop or StopSignal() as stop:
             for step in range(start + 1, cfg.steps + 1):  # `step` = optimizer steps done after this one
                 tic = time.perf_counter()
                 progress_frac = (step - 1) / cfg.steps
@@ -225,7 +188,9 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                     last_ckpt = save(step)
                 if stopping:
-                    raise Interrupted(step, last_ckpt)
+                    where = f"checkpoint {last_ckpt}" if last_ckpt is not None else "rank 0 wrote its checkpoint"
+                    raise Interrupted(f"interrupted after step {step}; {where}; continue with --resume",
+                                      step, last_ckpt)
                 if stop_after is not None and step >= stop_after:
                     break
     finally:

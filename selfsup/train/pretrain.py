@@ -35,12 +35,14 @@ from selfsup.data.views import ImageViews, ViewsConfig, normalise
 from selfsup.encoders import build_encoder, describe_encoder
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import save_encoder
+from selfsup.files import LOCK, MARKER, DirLock, check_owned, mark, names_in, read_marker, update_marker, write_atomic
 from selfsup.methods import build_method, method_spec
 from selfsup.nn.targets import KMeansTokenizer
 from selfsup.report.previews import PREVIEWS_FILE, save_previews
 from selfsup.train import checkpoint
 from selfsup.train.loop import Batches, FitResult, fit
 from selfsup.train.runtime import Runtime, init_runtime
+from selfsup.train.stop import Interrupted, StopSignal
 
 log = logging.getLogger("selfsup")
 
@@ -71,26 +73,53 @@ class _Assembly:
     monitor: Callable[[Runtime], Callable[[nn.Module], dict[str, float]] | None]
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuses a non-empty directory unless resuming or overwriting — and then only a selfsup run."""
+# Everything a run directory may hold: selfsup's own files, written by pretrain, probe, demo and report.
+RUN_FILES = names_in(CONFIG_FILE, "metrics.jsonl", "checkpoints", "encoder.safetensors", "encoder.json", "report.html",
+                     "report.png", "results.json", "probe.json", "tensorboard", TOKENIZER_FILE, VISUAL_TOKENS_FILE,
+                     PREVIEWS_FILE)
+STARTING, TRAINING = "starting", "training"  # the marker's `state`: a run that never began training is replaceable
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Checks `out` before anything is written; returns True when the run starts afresh.
+
+    A non-empty directory is refused unless resuming or overwriting, and then only when it is a
+    selfsup run (its marker, and nothing but run files): `--overwrite` never deletes what selfsup
+    did not write. A run whose start failed (it never reached step 1, e.g. bad data) is replaced
+    without `--overwrite`, so the corrected command just works.
+    """
     if resume and overwrite:
         raise SelfsupError("--resume and --overwrite contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise SelfsupError(f"{out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
+    entries = {p.name for p in out.iterdir()} - {MARKER, LOCK} if out.is_dir() else set()
+    marker = read_marker(out) if out.is_dir() else None
+    if not entries:
         if resume:
             raise SelfsupError(f"{out}: nothing to resume (the directory is empty or missing); drop --resume")
-        return
+        return True
+    if marker is None and resume and (out / CONFIG_FILE).is_file() and all(RUN_FILES(n) for n in entries):
+        return False  # a run written before selfsup marked its runs: resumable, and marked from now on
     if resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise SelfsupError(f"{out}: no {CONFIG_FILE}, so not a selfsup run to resume")
-        return
-    if not overwrite:
+        if marker is None or marker["kind"] != "run" or not (out / CONFIG_FILE).is_file():
+            raise SelfsupError(f"{out}: not a selfsup run to resume (no {MARKER} marker or no {CONFIG_FILE}); "
+                               "check --out")
+        return False
+    failed_start = marker is not None and marker.get("state") == STARTING
+    if not overwrite and not failed_start:
         raise SelfsupError(f"{out}: directory is not empty; pass --resume to continue that run, "
                            f"--overwrite to replace it, or choose another --out")
-    if not (out / CONFIG_FILE).is_file():
-        raise SelfsupError(f"{out}: not a selfsup run directory (no {CONFIG_FILE}); refusing to delete it with --overwrite")
-    shutil.rmtree(out)
+    check_owned(out, "run", RUN_FILES, flag="--overwrite" if overwrite else "a new run")
+    if failed_start and not overwrite:
+        log.info("%s: replacing a run that failed to start (it never trained a step)", out)
+    return True
+
+
+def _clear_run_dir(out: Path) -> None:
+    """Deletes what a run wrote into `out` (already checked to be a selfsup run), keeping `out` itself."""
+    for path in out.iterdir():
+        if path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def config_for_resume(out: Path, given: RunConfig | None) -> RunConfig:
@@ -277,41 +306,121 @@ def _fit_targets(method: nn.Module, parts: _Assembly, cfg: RunConfig, out: Path,
 
 
 def pretrain(cfg: RunConfig | None, out: Path, *, resume: bool = False, overwrite: bool = False,
-             stop_after: int | None = None, show_progress: bool = True) -> PretrainResult:
-    """Runs (or resumes) a pretraining run into `out`; returns what the caller needs for probes."""
+             stop_after: int | None = None, show_progress: bool = True, report: bool = True) -> PretrainResult:
+    """Runs (or resumes) a pretraining run into `out`; returns what the caller needs for probes.
+
+    The outputs come in order — checkpoints, then `encoder.safetensors` + `encoder.json`, previews,
+    then `report.html` — and a resume of a finished run writes whichever of them is missing. A
+    SIGINT/SIGTERM anywhere (start-up included) stops at the next safe point with `Interrupted`.
+    """
     out = Path(out)
-    # torchrun sets RANK; the process group itself waits for the config (it names the device).
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (out / CONFIG_FILE).is_file():
+        # torchrun --max-restarts restarted the workers: continue the run the first attempt began.
+        log.info("torchrun restart %s: resuming %s", os.environ["TORCHELASTIC_RESTART_COUNT"], out)
+        resume, overwrite = True, False
+    created = not out.exists()
+    with StopSignal() as stop:
+        lock = None
+        # torchrun sets RANK; the process group itself waits for the config (it names the device).
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = _claim_run_dir(out, resume=resume, overwrite=overwrite)
+        try:
+            return _pretrain(cfg, out, resume, stop_after, show_progress, report, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+                if out.is_dir() and [p.name for p in out.iterdir()] == [LOCK]:  # a failed start leaves nothing
+                    (out / LOCK).unlink()
+                    if created:
+                        out.rmdir()
+
+
+def _claim_run_dir(out: Path, *, resume: bool, overwrite: bool) -> DirLock:
+    """Checks `out`, locks it against a second writer, and (for a new run) empties and marks it."""
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(out, "run")
+    try:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)  # again, now that no other process can change it
+        if not resume:
+            _clear_run_dir(out)
+            mark(out, "run", state=STARTING)
+        elif read_marker(out) is None:
+            mark(out, "run", state=TRAINING)  # a run from before markers: marked now that it is resumed
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_stop(stop: StopSignal, where: str) -> None:
+    if stop.received is not None:
+        raise Interrupted(f"interrupted {where}; continue with --resume")
+
+
+def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | None, show_progress: bool,
+              report: bool, stop: StopSignal) -> PretrainResult:
     if resume:
         cfg = config_for_resume(out, cfg)
     assert cfg is not None
-    runtime = init_runtime(cfg.train.device, cfg.train.precision)
-    runtime.barrier()  # rank 0 has checked (and with --overwrite emptied) the run directory
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    if runtime.is_main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(dump_config(cfg))
-
-    if method_spec(cfg.method["name"]).modality == "text":
-        parts = _assemble_text(cfg, out, runtime)
-    else:
-        parts = _assemble_images(cfg, runtime, show_progress)
-    encoder, encoder_spec = build_encoder_from(cfg, **parts.encoder_inputs)
-    method = build_method(parts.method_section, encoder).to(runtime.device)
-    if getattr(method, "fits_targets", False):
-        _fit_targets(method, parts, cfg, out, runtime, resume)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and not resume:
+        write_atomic(out / CONFIG_FILE, dump_config(cfg))
+    try:
+        runtime = init_runtime(cfg.train.device, cfg.train.precision)
+        runtime.barrier()  # rank 0 has checked (and with --overwrite emptied) the run directory
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        if method_spec(cfg.method["name"]).modality == "text":
+            parts = _assemble_text(cfg, out, runtime)
+        else:
+            parts = _assemble_images(cfg, runtime, show_progress)
+        encoder, encoder_spec = build_encoder_from(cfg, **parts.encoder_inputs)
+        method = build_method(parts.method_section, encoder).to(runtime.device)
+        if getattr(method, "fits_targets", False):
+            _fit_targets(method, parts, cfg, out, runtime, resume)
+    except SelfsupError:
+        if is_main and not resume:
+            _clear_run_dir(out)  # a start that failed on its inputs leaves nothing behind (the run never began)
+        raise
+    _check_stop(stop, "during start-up, before the first step")
+    _warn_accumulation(cfg, method, runtime.world_size)
     log.info("pretraining %s on %s: %d %s (%d held out), encoder %s (%.2fM parameters), %s on %s x%d",
              cfg.method["name"], parts.train.source, len(parts.train),
              "documents" if isinstance(parts.train, TextSet) else "images", len(parts.holdout), cfg.encoder["name"],
              sum(p.numel() for p in encoder.parameters()) / 1e6, runtime.precision, runtime.device, runtime.world_size)
+    if runtime.is_main and (read_marker(out) or {}).get("state") == STARTING:
+        update_marker(out, state=TRAINING)
     result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
-                 monitor=parts.monitor(runtime), stop_after=stop_after)
+                 monitor=parts.monitor(runtime), stop_after=stop_after, stop=stop)
     if runtime.is_main and result.steps == cfg.train.steps:
         save_encoder(out, method.encoder, {"encoder": encoder_spec, "preprocess": parts.preprocess, "method": cfg.method,
                                            "steps": result.steps, "data": parts.train.source})
         if isinstance(parts.holdout, ImageSet) and len(parts.holdout):
             save_previews(method, parts.holdout, parts.preprocess, runtime, out / PREVIEWS_FILE, cfg.seed)
+        _check_stop(stop, f"after the final checkpoint (step {result.steps}) and the encoder export, "
+                          "before the report")
+        if report:
+            from selfsup.report.html import write_report
+
+            write_report(out, f"selfsup pretrain: {out}")
     runtime.barrier()
     return PretrainResult(out, result, parts.train, parts.holdout, parts.preprocess)
+
+
+def _warn_accumulation(cfg: RunConfig, method: nn.Module, world_size: int) -> None:
+    """With gradient accumulation, whatever couples a batch's samples sees one micro-batch, not the
+    step's `train.batch_size`: say so, naming it (the gradients of per-sample losses are unaffected)."""
+    if cfg.train.accum_steps <= 1:
+        return
+    coupled = []
+    spec = method_spec(cfg.method["name"])
+    if spec.batch_coupling:
+        coupled.append(spec.batch_coupling)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules()):
+        coupled.append("BatchNorm statistics")
+    if coupled:
+        micro = cfg.train.batch_size // (cfg.train.accum_steps * world_size)
+        log.warning("train.accum_steps=%d: %s span one micro-batch of %d samples per rank, not train.batch_size=%d; "
+                    "the objective is the one of a batch of %d (see README, gradient accumulation)",
+                    cfg.train.accum_steps, " and ".join(coupled), micro, cfg.train.batch_size, micro)

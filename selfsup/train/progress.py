@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
+from selfsup.files import write_atomic
 
 log = logging.getLogger("selfsup")
 
@@ -25,10 +25,9 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = [line for line, row in _parse_lines(path) if row.get("step", 0) <= resume_step]
+            # Rewritten whole (and with a final newline, which a torn last line lacked) before appending.
+            write_atomic(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a", buffering=1)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -38,15 +37,35 @@ class MetricsLog:
         self._file.close()
 
 
+def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) for every JSON-object line of a metrics.jsonl.
+
+    A crash (power loss, a full disk) can leave the last line half-written: that row is dropped with
+    a warning, since it is the only one the crash can have damaged. Anything unreadable before it is
+    not a crash but a corrupt or foreign file, and is refused with its line number.
+    """
+    # Bytes a crash leaves (NULs, a cut multi-byte character) must not stop decoding of the rest.
+    lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    parsed = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            parsed.append((line, row))
+        elif index == len(numbered) - 1:
+            log.warning("%s:%d: dropping an incomplete last line (the run was cut off while writing it)", path, number)
+        else:
+            raise SelfsupError(f"{path}:{number}: not a JSON object line; the file is corrupt "
+                               "(fix or delete that line to continue)")
+    return parsed
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise SelfsupError(f"{path}:{number}: not a JSON line") from None
-    return rows
+    """The rows of a metrics.jsonl; a torn last line is dropped with a warning (see `_parse_lines`)."""
+    return [row for _, row in _parse_lines(path)]
 
 
 def _fmt(value: Any) -> str:

@@ -239,6 +239,17 @@ def test_never_replaces_a_folder_it_did_not_write(font_dir: Path, tmp_path: Path
 
 
 @needs_fonts
+def test_force_never_deletes_files_added_to_a_prepared_dataset(font_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "glyphs"
+    prepare_glyphs(out, min_per_script=10, font_dir=font_dir)
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SelfsupError, match="notes.txt"):
+        prepare_glyphs(out, min_per_script=10, font_dir=font_dir, force=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no build left behind"
+
+
+@needs_fonts
 def test_loads_through_load_image_source(font_dir: Path, private_cache: Path) -> None:
     summary = prepare_glyphs(min_per_script=10, font_dir=font_dir)  # the default place: the cache
     assert summary.out == private_cache / "glyphs"

@@ -80,7 +80,13 @@ def test_leverage_without_keep_leaves_only_its_outputs(tmp_path, vit_run):
     result = run_leverage(str(vit_run), tmp_path / "lev", ladder=[2, 3], k_shot=True, num_seeds=1, epochs=1,
                           patience=1, runtime=CPU)
     assert result["ladder"] == [20, 30] and [r["k_shot"] for r in result["rungs"]] == [2, 3]
-    assert sorted(p.name for p in (tmp_path / "lev").iterdir()) == ["leverage.json", "leverage.png"]
+    assert sorted(p.name for p in (tmp_path / "lev").iterdir()) == [".selfsup.json", "leverage.json", "leverage.png"]
+    # --overwrite replaces a leverage folder, never one holding files leverage did not write.
+    (tmp_path / "lev" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfsupError, match="notes.txt"):
+        run_leverage(str(vit_run), tmp_path / "lev", ladder=[2], k_shot=True, num_seeds=1, epochs=1, patience=1,
+                     runtime=CPU, overwrite=True)
+    assert (tmp_path / "lev" / "notes.txt").read_text() == "mine"
 
 
 def test_rungs_beyond_the_data_are_clipped_and_noted():

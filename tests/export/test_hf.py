@@ -192,8 +192,14 @@ def test_non_empty_output_needs_overwrite(tmp_path, tokenizers) -> None:
     with pytest.raises(SelfsupError, match="overwrite"):
         export_hf(run, out)
     assert (out / "notes.txt").read_text() == "keep me"
-    export_hf(run, out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    # Not an export selfsup made: overwrite does not delete it either (test_hf_folder.py has the rest).
+    with pytest.raises(SelfsupError, match="notes.txt"):
+        export_hf(run, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").unlink()
+    export_hf(run, out)  # an empty folder is filled without overwrite
+    export_hf(run, out, overwrite=True)  # and the export selfsup made is replaced with it
+    assert (out / "model.safetensors").is_file()
     # Nothing left behind from the temporary folders.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
 
