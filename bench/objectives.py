@@ -367,7 +367,7 @@ def main() -> None:
         parser.error("--minutes must be positive")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
 
-    from selfsup.data.builtin import BUILTIN, builtin_available
+    from selfsup.data.builtins import BUILTIN, builtin_available
     from selfsup.methods import METHODS
 
     missing = [m for m in args.methods if m not in METHODS]

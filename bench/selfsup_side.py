@@ -48,7 +48,7 @@ def load_data(data_path: Path | None, size: int, channels: int):
     import numpy as np
     import torch
 
-    from selfsup.data.builtin import load_builtin
+    from selfsup.data.builtins import load_builtin
     from selfsup.data.images import ImageSet
 
     if data_path is None:

@@ -112,7 +112,8 @@ def stdlib_corpus():
 
 def load_corpus(seed: int):
     """(training split, corpus description): the man pages, else the stdlib docstrings."""
-    from selfsup.data.text import load_text_source, split_holdout_text
+    from selfsup.data.split import split_holdout
+    from selfsup.data.text import load_text_source
     from selfsup.errors import SelfsupError
 
     try:
@@ -121,7 +122,7 @@ def load_corpus(seed: int):
         print(f"bench/text.py: the manpages corpus is not available ({err}); "
               "falling back to Python stdlib docstrings", file=sys.stderr)
         data, name = stdlib_corpus(), "python-stdlib-docstrings (manpages unavailable)"
-    train, _ = split_holdout_text(data, 0.2, seed)  # as `selfsup pretrain` splits (data.holdout_fraction)
+    train, _ = split_holdout(data, 0.2, seed)  # as `selfsup pretrain` splits (data.holdout_fraction)
     return train, {"corpus": name, "documents": len(train), "chars": sum(len(t) for t in train.texts)}
 
 

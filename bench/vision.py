@@ -72,7 +72,8 @@ def build_data(path: Path, dataset: str, size: int, bank: int, test: int, seed: 
     import numpy as np
     import torch
 
-    from selfsup.data.images import load_image_source, split_holdout
+    from selfsup.data.images import load_image_source
+    from selfsup.data.split import split_holdout
     from selfsup.data.pipeline import channel_stats
 
     data = load_image_source(dataset, size, 3)

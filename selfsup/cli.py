@@ -24,7 +24,7 @@ log = logging.getLogger("selfsup")
 
 EXIT_BAD_INPUT = 2
 
-# Kept equal to selfsup.data.builtin.PREPARABLE (a test checks) so that parsing never imports torch.
+# Kept equal to selfsup.data.builtins.PREPARABLE (a test checks) so that parsing never imports torch.
 PREPARABLE = ("glyphs", "emoji", "manpages")
 # Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
 SELECT_SCORES = ("logme", "knn", "linear_cv")
@@ -33,6 +33,8 @@ METRIC_HELP = ("test metric to compare (default accuracy); on imbalanced classes
                "which a majority-class guess cannot score well on")
 TEXT_CHUNKS_HELP = "text: a document is the mean of its first N blocks of the base's seq_len tokens (default 4, as probe)"
 
+TOWER_HELP = ("which encoder of a run with several (e.g. image or text of a CLIP run); default: the method's first, "
+              "and the command says which it used")
 OVERRIDES_HELP = ("config overrides as section.key=value, e.g. train.steps=500 method.temperature=0.1 "
                   "encoder.name=vit_tiny (values are read as YAML)")
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "on the run's held-out split (or another labelled source).")
     p.add_argument("run", type=Path, help="a finished pretraining run directory (holds encoder.safetensors)")
     p.add_argument("--data", help="labelled source to probe on instead of the run's own data (same modality)")
+    p.add_argument("--tower", default=None, help=TOWER_HELP)
     p.add_argument("--fractions", type=float, nargs="+", help="label fractions of the training split (default: the run's probe.fractions)")
     p.add_argument("--out", type=Path, help="where to write probe.json (default: inside the run directory)")
     p.add_argument("--compare-untrained", action="store_true",
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--label-fraction", type=float, default=1.0, help="fraction of the training labels (stratified)")
     budget.add_argument("--k-shot", type=int, default=None, help="labelled examples per class instead of a fraction")
     p.add_argument("--data", help="labelled source instead of the base run's own data (same modality)")
+    p.add_argument("--tower", default=None, help=TOWER_HELP)
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 head, 5e-4 lora, 1e-4 finetune)")
@@ -130,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-shot-ladder", action="store_true", help="the ladder counts labels per class instead of in total")
     p.add_argument("--seeds", type=int, default=3, help="label draws (and training orders) per rung (default 3)")
     p.add_argument("--data", help="labelled source instead of the base run's own data (same modality)")
+    p.add_argument("--tower", default=None, help=TOWER_HELP)
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs per adapt run (default 50)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     p.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of the from-scratch side (default 1e-3)")
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", nargs="+", required=True,
                    help="pretraining run directories, hf:DIR folders, or random: of either; one modality")
     p.add_argument("--data", help="labelled source (default: the first base's run data)")
+    p.add_argument("--tower", default=None, help=TOWER_HELP + " (the same tower of every base)")
     p.add_argument("--out", type=Path, default=Path("runs/select"), help="folder for select.json (default runs/select)")
     p.add_argument("--budget-s", type=float, default=60.0, help="seconds the scores may take in all (default 60)")
     p.add_argument("--scores", nargs="+", choices=SELECT_SCORES, default=list(SELECT_SCORES),
@@ -196,12 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="render the report in headless Chromium, save report.png and fail if any figure did not load")
 
-    p = sub.add_parser("export", help="export a text run as a Hugging Face model folder",
-                       description="Write a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
+    p = sub.add_parser("export", help="export a run's encoder: a Hugging Face folder (text) or selfsup's own files",
+                       description="--format hf: a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
                        "RoBERTa-PreLayerNorm) or AutoModelForCausalLM (next_token runs, as GPT-2) and AutoTokenizer "
-                       "load with from_pretrained. Needs `pip install 'selfsup[hf]'`.")
-    p.add_argument("run", type=Path, help="a finished text pretraining run directory")
-    p.add_argument("--format", choices=["hf"], default="hf", help="export format (hf: Hugging Face transformers)")
+                       "load with from_pretrained (needs `pip install 'selfsup[hf]'`). --format encoder: one tower's "
+                       "encoder.safetensors + encoder.json (and the files it reads with), for any modality.")
+    p.add_argument("run", type=Path, help="a finished pretraining run directory")
+    p.add_argument("--format", choices=["hf", "encoder"], default="hf",
+                   help="hf: Hugging Face transformers (text runs); encoder: selfsup's own encoder files")
+    p.add_argument("--tower", default=None, help=TOWER_HELP)
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
 

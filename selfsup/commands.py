@@ -15,7 +15,7 @@ log = logging.getLogger("selfsup")
 
 def run_pretrain(args: argparse.Namespace) -> None:
     from selfsup.config import dump_config, load_config
-    from selfsup.train.pretrain import pretrain
+    from selfsup.pretrain import pretrain
 
     given = args.config is not None or bool(args.overrides)
     cfg = load_config(args.config, args.overrides)
@@ -31,48 +31,36 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> None:
-    from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
     from selfsup.adapt.probes import format_table, probe_suite
     from selfsup.config import load_config
-    from selfsup.data.tokenizer import TextTokenizer
+    from selfsup.data.split import labelled_rows
     from selfsup.export.encoder import load_encoder
-    from selfsup.train.pretrain import CONFIG_FILE, build_encoder_from, load_splits
+    from selfsup.modalities import load_reader, load_splits
+    from selfsup.pretrain import untrained_tower
+    from selfsup.rundir import CONFIG_FILE, resolve_tower
     from selfsup.train.runtime import init_runtime
 
     run = Path(args.run)
-    encoder, meta = load_encoder(run)
-    overrides = [] if args.data is None else [f"data.source={args.data}"]
     if not (run / CONFIG_FILE).is_file():
         raise SelfsupError(f"{run / CONFIG_FILE}: not found; probe needs the run's config to rebuild its data split")
+    folder, role = resolve_tower(run, args.tower)
+    encoder, meta = load_encoder(folder)
+    reader = load_reader(meta, folder, str(folder / "encoder.json"))
+    overrides = [] if args.data is None else [f"data.source={args.data}"]
     cfg = load_config(run / CONFIG_FILE, overrides)
     train, holdout = load_splits(cfg)
     train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
     runtime = init_runtime(cfg.train.device, cfg.train.precision)
-    pre = meta["preprocess"]
-    if pre.get("modality") == "text":
-        tokenizer = TextTokenizer.load(run / pre["tokenizer"])
-
-        def features(model, data, rows):
-            texts = [data.texts[i] for i in rows.tolist()]
-            return text_features(model, tokenizer, texts, pre["seq_len"], runtime.device, runtime.autocast_dtype,
-                                 max_chunks=args.max_chunks)
-
-        inputs = {"vocab_size": meta["encoder"]["vocab_size"], "max_len": meta["encoder"]["max_len"]}
-    else:
-        def features(model, data, rows):
-            return encoder_features(model.to(runtime.device), data.images[rows], pre, runtime.device,
-                                    runtime.autocast_dtype)
-
-        inputs = {}
     train_y, test_y = train.labels[train_rows], holdout.labels[test_rows]
     fractions = args.fractions or cfg.probe.fractions
     candidates = [(meta["method"]["name"], encoder)]
     if args.compare_untrained:
         # The run's own starting point: same architecture, same seed, so the weights pretraining began from.
-        candidates.append(("untrained", build_encoder_from(cfg, **inputs)[0]))
+        candidates.append(("untrained", untrained_tower(run, cfg, role)))
     results = []
     for name, model in candidates:
-        fx, ft = features(model, train, train_rows), features(model, holdout, test_rows)
+        fx = reader.features(model, train, train_rows, runtime, chunks=args.max_chunks)
+        ft = reader.features(model, holdout, test_rows, runtime, chunks=args.max_chunks)
         results += probe_suite(name, fx, train_y, ft, test_y, fractions=fractions, seed=cfg.seed, k=cfg.probe.knn_k,
                                probes=cfg.probe.probes)
     print(format_table(results))
@@ -90,7 +78,7 @@ def run_adapt(args: argparse.Namespace) -> None:
                       layer_decay=args.layer_decay, lora_rank=args.lora_rank, text_chunks=args.text_chunks,
                       seed=args.seed)
     cfg.validate()
-    metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite)
+    metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite, tower=args.tower)
     print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f}, balanced accuracy {metrics['test_balanced_acc']:.4f}, "
           f"macro-F1 {metrics['test_macro_f1']:.4f} ({metrics['num_test']} held-out rows), "
           f"best validation {metrics['val_acc']:.4f} after {metrics['epochs']} epochs, "
@@ -103,7 +91,7 @@ def run_leverage(args: argparse.Namespace) -> None:
     result = leverage(args.base, args.out, mode=args.mode, ladder=args.ladder, k_shot=args.k_shot_ladder,
                       num_seeds=args.seeds, data=args.data, epochs=args.epochs, patience=args.patience,
                       scratch_lr=args.scratch_lr, text_chunks=args.text_chunks, metric=args.metric, keep=args.keep,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, tower=args.tower)
     print(result["text"])
     print(f"wrote {Path(args.out) / LEVERAGE_JSON} and {Path(args.out) / LEVERAGE_PNG}")
 
@@ -114,7 +102,7 @@ def run_select(args: argparse.Namespace) -> None:
     result = select_bases(args.bases, args.out, data=args.data, scores=args.scores, budget_s=args.budget_s,
                           max_samples=args.max_samples, validate=args.validate, mode=args.mode, epochs=args.epochs,
                           text_chunks=args.text_chunks, metric=args.metric, seed=args.seed, keep=args.keep,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, tower=args.tower)
     print(result["text"])
     print(f"wrote {Path(args.out) / SELECT_JSON}")
 
@@ -178,15 +166,24 @@ def run_report(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from selfsup.rundir import resolve_tower
+
+    folder, _ = resolve_tower(Path(args.run), args.tower)
+    if args.format == "encoder":
+        from selfsup.export.encoder import export_encoder
+
+        out = export_encoder(folder, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}: load it with selfsup.export.encoder.load_encoder({str(out)!r})")
+        return
     from selfsup.export.hf import export_hf
 
-    out = export_hf(args.run, args.out, overwrite=args.overwrite)
-    print(f"wrote {out}: load it with transformers' AutoModelFor{'CausalLM' if _is_causal(args.run) else 'MaskedLM'}"
+    out = export_hf(folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with transformers' AutoModelFor{'CausalLM' if _is_causal(folder) else 'MaskedLM'}"
           f".from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained({str(out)!r})")
 
 
-def _is_causal(run: Path) -> bool:
-    meta = json.loads((Path(run) / "encoder.json").read_text())
+def _is_causal(folder: Path) -> bool:
+    meta = json.loads((Path(folder) / "encoder.json").read_text())
     return bool(meta["encoder"]["config"].get("causal"))
 
 
@@ -222,7 +219,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def run_data_list() -> None:
-    from selfsup.data.builtin import BUILTIN, builtin_available
+    from selfsup.data.builtins import BUILTIN, builtin_available
 
     for name, description in BUILTIN.items():
         ok, reason = builtin_available(name)
@@ -232,16 +229,16 @@ def run_data_list() -> None:
 def run_data_prepare(args: argparse.Namespace) -> None:
     """`selfsup data prepare NAME`: the work is in the dataset's module; this only reports it."""
     if args.name == "manpages":
-        from selfsup.data.manpages import prepare_manpages
+        from selfsup.data.builtins.manpages import prepare_manpages
 
         print(prepare_manpages(args.out, force=args.force, progress=True, max_pages=args.max_pages).describe())
         return
     if args.name == "emoji":
-        from selfsup.data.emoji import prepare_emoji
+        from selfsup.data.builtins.emoji import prepare_emoji
 
         print(prepare_emoji(args.out, size=args.size, force=args.force, progress=True).describe())
         return
-    from selfsup.data.glyphs import prepare_glyphs
+    from selfsup.data.builtins.glyphs import prepare_glyphs
 
     assert args.name == "glyphs", args.name  # argparse's choices allow nothing else
     summary = prepare_glyphs(args.out, size=args.size, min_per_script=args.min_per_script,

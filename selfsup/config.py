@@ -27,6 +27,7 @@ from selfsup.errors import SelfsupError
 
 @dataclass
 class DataConfig:
+    modality: str | None = None  # what the source holds: image, text, or a registered modality; None = the method's
     source: str | None = None  # a built-in name (`selfsup data list`), a folder, a manifest (.csv/.jsonl), an .npz (images) or a .txt (text); None = the method's default (mnist, manpages)
     holdout_fraction: float = 0.2  # held out (stratified when labelled) for probes and held-out metrics; never pretrained on
     label_column: str = "label"  # manifest column holding the class label (optional)
@@ -88,6 +89,7 @@ class RunConfig:
     seed: int = 0  # seeds weights, views, data order and splits
     method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})  # name + the method's own knobs
     encoder: dict[str, Any] = field(default_factory=dict)  # name + the encoder's knobs; no name = the method's default encoder
+    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # methods with several towers: per role, e.g. encoders.image.name=vit_tiny
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # text methods only
     views: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (selfsup.data.views.ViewsConfig)
@@ -307,9 +309,16 @@ def _apply_method_defaults(cfg: RunConfig) -> None:
     if not isinstance(name, str):
         return
     spec = method_spec(name)
-    cfg.encoder = {"name": spec.encoder, **cfg.encoder}
+    if spec.towers is None:
+        cfg.encoder = {"name": spec.encoder, **cfg.encoder}
+    else:
+        cfg.encoders = {role: {"name": default, **cfg.encoders.get(role, {})} for role, default in spec.towers.items()}
+    if cfg.data.modality is None:
+        cfg.data.modality = spec.modality
     if cfg.data.source is None:
-        cfg.data.source = spec.default_source
+        from selfsup.modalities import get_modality
+
+        cfg.data.source = get_modality(cfg.data.modality, "data.modality").default_source
     if spec.inputs == "views":
         cfg.views = {**spec.views, **cfg.views}
 
@@ -318,8 +327,8 @@ def validate(cfg: RunConfig) -> None:
     """Range checks and the open-ended sections (method, encoder, views), resolved against their registries."""
     # Imported here: the registries import torch, which must not load before the CLI sets threads.
     from selfsup.data.views import ViewsConfig, validate_views_config
-    from selfsup.encoders import ENCODERS, encoder_config
     from selfsup.methods import method_config, method_spec
+    from selfsup.modalities import MODALITIES, get_modality
 
     t = cfg.train
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.accum_steps": t.accum_steps,
@@ -350,29 +359,57 @@ def validate(cfg: RunConfig) -> None:
         if not 0 < frac <= 1:
             raise SelfsupError(f"`probe.fractions` must be in (0, 1], got {frac}")
     method_config(cfg.method)
-    encoder_name = _name(cfg.encoder, "encoder")
-    encoder_knobs = {k: v for k, v in cfg.encoder.items() if k != "name"}
+    spec = method_spec(cfg.method["name"])
+    modality = get_modality(cfg.data.modality, "data.modality")
+    if modality.batch_kind != spec.inputs:
+        fitting = sorted(n for n, m in MODALITIES.items() if m.batch_kind == spec.inputs)
+        raise SelfsupError(f"method `{cfg.method['name']}` trains on {spec.inputs}, which `data.modality={modality.name}` "
+                           f"does not make; use one of {', '.join(fitting)}")
+    if spec.towers is None:
+        if cfg.encoders:
+            raise SelfsupError(f"method `{cfg.method['name']}` has one encoder: set it with `encoder.*`, not "
+                               f"`encoders.{next(iter(cfg.encoders))}.*`")
+        towers = {"encoder": ("encoder", cfg.encoder, modality.name)}
+    else:
+        if cfg.encoder:
+            raise SelfsupError(f"method `{cfg.method['name']}` has towers {', '.join(spec.towers)}: set each with "
+                               f"`encoders.<tower>.*` (e.g. `encoders.{next(iter(spec.towers))}.name=...`), not `encoder.*`")
+        unknown = set(cfg.encoders) - set(spec.towers)
+        if unknown:
+            raise SelfsupError(f"`encoders.{sorted(unknown)[0]}`: method `{cfg.method['name']}` has no such tower; "
+                               f"its towers are {', '.join(spec.towers)}")
+        towers = {role: (f"encoders.{role}", cfg.encoders[role], spec.tower_modalities.get(role, modality.name))
+                  for role in spec.towers}
+    for role, (key, section, tower_modality) in towers.items():
+        _validate_tower(cfg, spec, key, section, tower_modality)
+    validate_views_config(from_dict(ViewsConfig, cfg.views, prefix="views."))
+
+
+def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any], modality: str) -> None:
+    """One tower's encoder section: its knobs, and that it reads the tower's modality and suits the method."""
+    from selfsup.encoders import ENCODERS, encoder_config
+
+    encoder_name = _name(section, key)
+    encoder_knobs = {k: v for k, v in section.items() if k != "name"}
     encoder_cfg = encoder_config(encoder_name, encoder_knobs)
     # encoder_config checks names and the encoder's own rules; the values' types (and finiteness: a
     # NaN mlp_ratio passes `<= 0`) are checked against its Config's hints like every other section.
     encoder_hints = typing.get_type_hints(type(encoder_cfg))
-    for key, value in encoder_knobs.items():
-        _check_value(f"encoder.{key}", value, encoder_hints[key])
-    spec = method_spec(cfg.method["name"])
-    modality = ENCODERS[encoder_name].modality
-    if modality != spec.modality:
-        fitting = sorted(n for n, e in ENCODERS.items() if e.modality == spec.modality)
-        raise SelfsupError(f"method `{cfg.method['name']}` trains a {spec.modality} encoder, but `encoder.name={encoder_name}` "
-                           f"is a {modality} encoder; use one of {', '.join(fitting)} (default {spec.encoder})")
+    for knob, value in encoder_knobs.items():
+        _check_value(f"{key}.{knob}", value, encoder_hints[knob])
+    method = cfg.method["name"]
+    if ENCODERS[encoder_name].modality != modality:
+        fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
+        raise SelfsupError(f"method `{method}` trains a {modality} encoder, but `{key}.name={encoder_name}` "
+                           f"is a {ENCODERS[encoder_name].modality} encoder; use one of {', '.join(fitting)}")
     if spec.vit_only and ENCODERS[encoder_name].module_type.__name__ != "ViT":
         vits = sorted(n for n, e in ENCODERS.items() if e.module_type.__name__ == "ViT")
-        raise SelfsupError(f"method `{cfg.method['name']}` masks ViT patch tokens; `encoder.name={encoder_name}` is not "
+        raise SelfsupError(f"method `{method}` masks ViT patch tokens; `{key}.name={encoder_name}` is not "
                            f"a ViT: use one of {', '.join(vits)}")
     if spec.causal is not None and getattr(encoder_cfg, "causal", None) != spec.causal:
         need = "causal (each token sees only earlier tokens)" if spec.causal else "bidirectional"
-        raise SelfsupError(f"method `{cfg.method['name']}` needs a {need} encoder: set `encoder.causal={str(spec.causal).lower()}` "
-                           f"or use `encoder.name={spec.encoder}`")
-    validate_views_config(from_dict(ViewsConfig, cfg.views, prefix="views."))
+        raise SelfsupError(f"method `{method}` needs a {need} encoder: set `{key}.causal={str(spec.causal).lower()}` "
+                           f"or use `{key}.name={spec.encoder}`")
 
 
 def _name(section: dict[str, Any], key: str) -> str:

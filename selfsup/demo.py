@@ -13,13 +13,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfsup.adapt.frozen import encoder_features, labelled, raw_pixels
 from selfsup.adapt.probes import format_table, probe_suite
 from selfsup.config import load_config
-from selfsup.data.builtin import builtin_available
+from selfsup.data.builtins import builtin_available
+from selfsup.data.split import labelled_rows
 from selfsup.export.encoder import load_encoder
+from selfsup.modalities import load_reader
+from selfsup.modalities.image import raw_pixels
+from selfsup.pretrain import pretrain, untrained_tower
 from selfsup.report.html import write_report
-from selfsup.train.pretrain import build_encoder_from, pretrain
 from selfsup.train.runtime import init_runtime
 
 log = logging.getLogger("selfsup")
@@ -53,17 +55,15 @@ def run_demo(out: Path, *, steps: int | None = None, overrides: Sequence[str] = 
         cfg = load_config(Path(out) / "config.yaml")
 
     runtime = init_runtime(cfg.train.device, cfg.train.precision)
-    train_x, train_y = labelled(result.train, "training")
-    test_x, test_y = labelled(result.holdout, "held-out")
-    random_encoder, _ = build_encoder_from(cfg)
+    train_rows, test_rows = labelled_rows(result.train, "training"), labelled_rows(result.holdout, "held-out")
+    train_y, test_y = result.train.labels[train_rows], result.holdout.labels[test_rows]
     simclr_encoder, meta = load_encoder(Path(out))
-    feature_sets = {
-        "raw": (raw_pixels(train_x), raw_pixels(test_x)),
-        "random": tuple(encoder_features(random_encoder.to(runtime.device), x, meta["preprocess"], runtime.device,
-                                         runtime.autocast_dtype) for x in (train_x, test_x)),
-        "simclr": tuple(encoder_features(simclr_encoder.to(runtime.device), x, meta["preprocess"], runtime.device,
-                                         runtime.autocast_dtype) for x in (train_x, test_x)),
-    }
+    reader = load_reader(meta, Path(out))
+    encoders = {"random": untrained_tower(Path(out), cfg, "encoder"), "simclr": simclr_encoder}
+    feature_sets = {"raw": (raw_pixels(result.train.images[train_rows]), raw_pixels(result.holdout.images[test_rows]))}
+    for name, encoder in encoders.items():
+        feature_sets[name] = (reader.features(encoder, result.train, train_rows, runtime),
+                              reader.features(encoder, result.holdout, test_rows, runtime))
     results = []
     for name, (fx, ft) in feature_sets.items():
         results += probe_suite(name, fx, train_y, ft, test_y, fractions=cfg.probe.fractions, seed=cfg.seed,

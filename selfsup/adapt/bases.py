@@ -30,13 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.config import RunConfig, load_config
-from selfsup.data.images import ImageSet
-from selfsup.data.text import TextSet
-from selfsup.data.tokenizer import TextTokenizer
 from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder
-from selfsup.train.pretrain import CONFIG_FILE, load_splits
+from selfsup.modalities import Reader, load_reader, load_splits
+from selfsup.rundir import CONFIG_FILE, resolve_tower
 
 HF_PREFIX, RANDOM_PREFIX = "hf:", "random:"
 HF_SEQ_LEN = 128
@@ -86,7 +84,7 @@ def hf_encoder_from_config(config: dict[str, Any]) -> HFTextEncoder:
     return HFTextEncoder(transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **config)))
 
 
-def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], TextTokenizer]:
+def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], Reader]:
     transformers = _transformers()
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
@@ -107,7 +105,6 @@ def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], 
     finally:
         transformers.logging.set_verbosity(verbosity)
     encoder = HFTextEncoder(model).eval()
-    tokenizer = TextTokenizer.load(folder / "tokenizer.json")
     seq_len = HF_SEQ_LEN
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.is_file():
@@ -116,24 +113,24 @@ def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], 
             seq_len = limit
     meta = {"encoder": {"name": "hf", "config": model.config.to_dict()},
             "preprocess": {"modality": "text", "seq_len": seq_len, "tokenizer": "tokenizer.json", "hf_folder": str(folder)}}
-    return encoder, meta, tokenizer
+    return encoder, meta, load_reader(meta, folder, str(folder / "config.json"))
 
 
-def load_base(base: str) -> tuple[nn.Module, dict[str, Any], TextTokenizer | None]:
-    """(encoder, its description {"encoder", "preprocess"}, tokenizer for text) of a base name (module docstring)."""
+def load_base(base: str, tower: str | None = None) -> tuple[nn.Module, dict[str, Any], Reader]:
+    """(encoder, its description {"encoder", "preprocess"}, how it reads its data) of a base name
+    (module docstring); `tower` picks one encoder of a run with several."""
     randomise = base.startswith(RANDOM_PREFIX)
     name = base.removeprefix(RANDOM_PREFIX)
     if name.startswith(HF_PREFIX):
+        if tower is not None:
+            raise SelfsupError(f"{base}: a Hugging Face base is one encoder; drop --tower")
         return _load_hf(Path(name.removeprefix(HF_PREFIX)), randomise)
-    path = Path(name)
-    encoder, meta = load_encoder(path)
+    folder, _ = resolve_tower(Path(name), tower)
+    encoder, meta = load_encoder(folder)
     if randomise:
         torch.manual_seed(0)
         encoder = build_encoder(**meta["encoder"])
-    tokenizer = None
-    if meta["preprocess"].get("modality") == "text":
-        tokenizer = TextTokenizer.load(path / meta["preprocess"]["tokenizer"])
-    return encoder, meta, tokenizer
+    return encoder, meta, load_reader(meta, folder, str(folder / "encoder.json"))
 
 
 def rebuild_encoder(description: dict[str, Any]) -> nn.Module:
@@ -159,7 +156,7 @@ def base_config(base: str, data: str | None) -> RunConfig:
     return load_config(run / CONFIG_FILE, overrides)
 
 
-def base_splits(base: str, data: str | None) -> tuple[RunConfig, ImageSet | TextSet, ImageSet | TextSet]:
+def base_splits(base: str, data: str | None) -> tuple[RunConfig, Any, Any]:
     """(config, training split, held-out split) of the data `base` is judged on."""
     cfg = base_config(base, data)
     return (cfg, *load_splits(cfg))

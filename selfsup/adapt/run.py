@@ -14,16 +14,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
-from selfsup.adapt.frozen import labelled_rows
 from selfsup.adapt.bases import base_splits, load_base, rebuild_encoder
-from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskInputs, TaskModel,
+from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskModel,
                                 build_task_model, label_budget, predict_logits, test_metrics, train_task)
-from selfsup.data.images import ImageSet
-from selfsup.data.text import TextSet
-from selfsup.data.tokenizer import TextTokenizer
+from selfsup.data.split import labelled_rows
 from selfsup.errors import SelfsupError
 from selfsup.files import claim_output, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
-from selfsup.train.pretrain import TOKENIZER_FILE
+from selfsup.modalities import Reader, load_reader, run_modality
+from selfsup.modalities.base import TaskInputs
+from selfsup.modalities.text import TOKENIZER_FILE
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
@@ -34,21 +33,21 @@ TASK_FILES = names_in(TASK_WEIGHTS, ADAPTER_WEIGHTS, TASK_META, METRICS, TOKENIZ
 
 
 def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, runtime: Runtime | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, tower: str | None = None) -> dict[str, Any]:
     """Trains a classifier from `base` on the labelled training rows of the base run's data (or `data`),
     scores it on the held-out rows, and writes the task run directory `out`. Returns the metrics."""
     out = Path(out)
     claim_output(out, "task", TASK_FILES, overwrite=overwrite)  # checked now, replaced whole once trained
     runtime = runtime or init_runtime("auto", "auto")
     run_cfg, train, holdout = base_splits(base, data)
-    encoder, meta, tokenizer = load_base(base)
+    encoder, meta, reader = load_base(base, tower)
     train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
     fit_idx, val_idx = label_budget(train.labels[train_rows], cfg)
     if len(val_idx) == 0:
         raise SelfsupError("the label budget leaves no validation example; raise the label fraction or k_shot")
     num_classes = len(train.classes or []) or int(train.labels.max()) + 1
     model = build_task_model(encoder, num_classes, cfg)
-    parts = {name: TaskInputs(split, rows, meta, tokenizer, cfg.text_chunks) for name, split, rows in
+    parts = {name: reader.task_inputs(split, rows, cfg.text_chunks) for name, split, rows in
              (("train", train, train_rows[fit_idx]), ("val", train, train_rows[val_idx]), ("test", holdout, test_rows))}
     log.info("adapt %s from %s: %d training labels, %d validation, %d test rows, %d classes",
              cfg.mode, base, len(parts["train"]), len(parts["val"]), len(parts["test"]), num_classes)
@@ -58,16 +57,16 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
                "val_acc": min(history, key=lambda h: h["val_loss"])["val_acc"], "epochs": len(history),
                "num_train_labels": len(parts["train"]), "num_val": len(parts["val"]), "num_test": len(parts["test"]),
                "history": history}
-    _save(out, model, cfg, base, meta, tokenizer, train.classes, run_cfg.data.source, metrics)
+    _save(out, model, cfg, base, tower, meta, reader, train.classes, run_cfg.data.source, metrics)
     return metrics
 
 
-def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, tokenizer: TextTokenizer | None,
+def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, tower: str | None, meta: dict, reader: Reader,
           classes: list[str] | None, source: str, metrics: dict) -> None:
     """Builds the task folder beside `out` and swaps it in: `out` is one whole task, old or new."""
     built = temp_dir(out.parent, f".{out.name}.")
     try:
-        _write_task(built, model, cfg, base, meta, tokenizer, classes, source, metrics)
+        _write_task(built, model, cfg, base, tower, meta, reader, classes, source, metrics)
         mark(built, "task")
         swap_dir(built, out)
     except OSError as err:
@@ -77,8 +76,8 @@ def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, 
         shutil.rmtree(built, ignore_errors=True)
 
 
-def _write_task(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: dict, tokenizer: TextTokenizer | None,
-                classes: list[str] | None, source: str, metrics: dict) -> None:
+def _write_task(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, tower: str | None, meta: dict,
+                reader: Reader, classes: list[str] | None, source: str, metrics: dict) -> None:
     if cfg.mode == "lora":
         from selfsup.adapt.lora import lora_state_dict, merge_lora
 
@@ -87,15 +86,14 @@ def _write_task(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, meta: 
         write_with(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
         merge_lora(model.encoder)  # the task model itself needs no adapter code
     write_with(out / TASK_WEIGHTS, lambda tmp: save_model(model.cpu(), str(tmp)))
-    if tokenizer is not None:
-        tokenizer.save(out / TOKENIZER_FILE)
-    task = {"base": base, "encoder": meta["encoder"], "preprocess": meta["preprocess"], "adapt": asdict(cfg),
+    preprocess = reader.save(out)  # the files the encoder reads with (a tokenizer), beside the task
+    task = {"base": base, "tower": tower, "encoder": meta["encoder"], "preprocess": preprocess, "adapt": asdict(cfg),
             "classes": classes, "data": source, "num_params": sum(p.numel() for p in model.encoder.parameters())}
     write_atomic(out / TASK_META, json.dumps(task, indent=1))
     write_atomic(out / METRICS, json.dumps(metrics, indent=1))
 
 
-def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer | None]:
+def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], Reader]:
     task_dir = Path(task_dir)
     for name in (TASK_META, TASK_WEIGHTS):
         if not (task_dir / name).is_file():
@@ -110,21 +108,17 @@ def load_task(task_dir: Path) -> tuple[TaskModel, dict[str, Any], TextTokenizer 
         load_model(model, str(task_dir / TASK_WEIGHTS))
     except Exception as err:  # safetensors' own error types for truncated or mismatched files
         raise SelfsupError(f"{task_dir / TASK_WEIGHTS}: cannot load the task weights ({err})") from None
-    tokenizer = TextTokenizer.load(task_dir / TOKENIZER_FILE) if task["preprocess"].get("modality") == "text" else None
-    return model.eval(), task, tokenizer
+    return model.eval(), task, load_reader(task, task_dir, str(task_dir / TASK_META))
 
 
-def task_split(task: dict[str, Any], tokenizer: TextTokenizer | None,
-               data: str | None = None) -> tuple[ImageSet | TextSet, TaskInputs]:
+def task_split(task: dict[str, Any], reader: Reader, data: str | None = None) -> tuple[Any, TaskInputs]:
     """The rows a task model is scored on: its base's held-out rows, or every row of `data`."""
-    _, train, holdout = base_splits(task["base"], data or task["data"])
-    split = holdout if data is None else _join(train, holdout)
-    inputs = TaskInputs(split, torch.arange(len(split)), {"preprocess": task["preprocess"]}, tokenizer,
-                        task["adapt"].get("text_chunks", 1))
-    return split, inputs
+    run_cfg, train, holdout = base_splits(task["base"], data or task["data"])
+    split = holdout if data is None else run_modality(run_cfg).join(train, holdout)
+    return split, reader.task_inputs(split, torch.arange(len(split)), task["adapt"].get("text_chunks", 1))
 
 
-def write_predictions(path: Path, split: ImageSet | TextSet, probs: torch.Tensor, classes: list[str]) -> Path:
+def write_predictions(path: Path, split: Any, probs: torch.Tensor, classes: list[str]) -> Path:
     """The predictions CSV: id, label ("" when unknown), prediction, confidence, group columns, p_<class>."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,20 +139,10 @@ def write_predictions(path: Path, split: ImageSet | TextSet, probs: torch.Tensor
 def predict(task_dir: Path, out: Path, *, data: str | None = None, runtime: Runtime | None = None) -> Path:
     """Writes predictions (id, label when known, prediction, confidence, per-class probabilities, group
     columns) for the held-out rows of the task's data, or every row of `data`, as CSV."""
-    model, task, tokenizer = load_task(task_dir)
+    model, task, reader = load_task(task_dir)
     runtime = runtime or init_runtime("auto", "auto")
-    split, inputs = task_split(task, tokenizer, data)
+    split, inputs = task_split(task, reader, data)
     probs = predict_logits(model.to(runtime.device), inputs, runtime).softmax(dim=1)
     write_predictions(out, split, probs, task["classes"])
     log.info("wrote %d predictions to %s", len(split), out)
     return Path(out)
-
-
-def _join(a: ImageSet | TextSet, b: ImageSet | TextSet) -> ImageSet | TextSet:
-    """Every row of a source: its training rows, then its held-out rows."""
-    groups = {g: list(a.groups[g]) + list(b.groups.get(g, [""] * len(b))) for g in a.groups}
-    labels = None if a.labels is None else torch.cat([a.labels, b.labels])
-    if isinstance(a, TextSet):
-        return TextSet(a.texts + b.texts, a.ids + b.ids, labels, a.classes, groups, a.source)
-    return ImageSet(images=torch.cat([a.images, b.images]), ids=a.ids + b.ids, labels=labels, classes=a.classes,
-                    groups=groups, source=a.source)

@@ -30,20 +30,17 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.adapt.frozen import document_chunks, mean_by_owner, pad_chunks, prepare_images
 from selfsup.adapt.sampling import k_shot, stratified_fraction
-from selfsup.data.images import ImageSet
 from selfsup.data.split import holdout_mask
-from selfsup.data.text import TextSet
-from selfsup.data.tokenizer import TextTokenizer
 from selfsup.errors import SelfsupError
+from selfsup.modalities.base import EncoderBatch, TaskInputs
 from selfsup.train.optim import param_groups
 from selfsup.train.runtime import Runtime
 
@@ -90,48 +87,6 @@ class AdaptConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs: what the encoder's embed() takes, for a modality
-
-
-class TaskInputs:
-    """Prepared inputs of one split: images (uint8, prepared per batch) or documents as token blocks.
-
-    `batch(index)` gives what `TaskModel.pool` takes: `(images,)`, or `(ids [K, L], mask [K, L],
-    owner [K])` for the K blocks of the batch's documents, `owner` numbering the documents 0..B-1.
-    """
-
-    def __init__(self, data: ImageSet | TextSet, rows: Tensor, meta: dict[str, Any], tokenizer: TextTokenizer | None,
-                 text_chunks: int = 1):
-        self.rows = rows
-        self.meta = meta
-        if isinstance(data, TextSet):
-            assert tokenizer is not None
-            chunks, owner = document_chunks(tokenizer, [data.texts[i] for i in rows.tolist()],
-                                            int(meta["preprocess"]["seq_len"]), text_chunks)
-            self.input_ids, self.mask = pad_chunks(chunks, tokenizer.pad_id)  # [K, L] over all documents
-            counts = torch.bincount(torch.tensor(owner), minlength=len(rows))
-            self.first_chunk = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [N + 1]
-            self.images = None
-        else:
-            self.images = data.images[rows]
-        self.labels = None if data.labels is None else data.labels[rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, index: Tensor, device: torch.device) -> tuple[Tensor, ...]:
-        """The pooling inputs for the rows at `index`, on `device`."""
-        if self.images is not None:
-            return (prepare_images(self.images[index].to(device), self.meta["preprocess"]),)
-        starts, ends = self.first_chunk[index], self.first_chunk[index + 1]
-        blocks = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
-        owner = torch.repeat_interleave(torch.arange(len(index)), ends - starts)
-        mask = self.mask[blocks]
-        width = int(mask.sum(dim=1).max())  # trim the batch's common padding
-        return self.input_ids[blocks, :width].to(device), mask[:, :width].to(device), owner.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # The model
 
 
@@ -168,15 +123,13 @@ class TaskModel(nn.Module):
     def classify(self, features: Tensor) -> Tensor:
         return self.head(self.norm(features.float()))
 
-    def pool(self, *inputs: Tensor) -> Tensor:
-        """Features [B, D] from `TaskInputs.batch`: embed(images), or the mean of each document's blocks."""
-        if len(inputs) == 1:
-            return self.encoder.embed(inputs[0])
-        ids, mask, owner = inputs
-        return mean_by_owner(self.encoder.embed(ids, mask), owner, int(owner[-1]) + 1)
+    def pool(self, batch: EncoderBatch) -> Tensor:
+        """Features [B, D] of a `TaskInputs.batch` (the modality's reader says how an item is embedded:
+        a whole image, or the mean of a document's blocks)."""
+        return batch.embed(self.encoder)
 
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.classify(self.pool(*inputs))
+    def forward(self, batch: EncoderBatch) -> Tensor:
+        return self.classify(self.pool(batch))
 
 
 def build_task_model(encoder: nn.Module, num_classes: int, cfg: AdaptConfig) -> TaskModel:
@@ -207,13 +160,12 @@ def label_budget(labels: Tensor, cfg: AdaptConfig) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _batched(fn: Callable[..., Tensor], inputs: TaskInputs, runtime: Runtime) -> Tensor:
-    """fn(*pooling inputs) over every row in batches, as float32 on the CPU."""
-    batch_size = 256 if inputs.images is not None else 64  # a document is up to text_chunks blocks
+    """fn(batch) over every row in batches, as float32 on the CPU."""
     out = []
-    for start in range(0, len(inputs), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(inputs)))
+    for start in range(0, len(inputs), inputs.batch_size):
+        index = torch.arange(start, min(start + inputs.batch_size, len(inputs)))
         with runtime.autocast():
-            out.append(fn(*inputs.batch(index, runtime.device)).float().cpu())
+            out.append(fn(inputs.batch(index, runtime.device)).float().cpu())
     return torch.cat(out)
 
 
@@ -249,8 +201,8 @@ def features_and_logits(model: TaskModel, inputs: TaskInputs, runtime: Runtime) 
     """(pooled encoder features [N, D], class logits [N, C]) in one pass: what evaluation audits."""
     model.eval()
 
-    def both(*batch: Tensor) -> Tensor:
-        features = model.pool(*batch)
+    def both(batch: EncoderBatch) -> Tensor:
+        features = model.pool(batch)
         return torch.cat([features.float(), model.classify(features).float()], dim=1)
 
     out = _batched(both, inputs, runtime)
@@ -306,7 +258,7 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
                 group["lr"] = group["base_lr"] * scale
             with runtime.autocast():
                 logits = (model.classify(train_x[index].to(runtime.device)) if frozen_features
-                          else model(*train.batch(index, runtime.device)))
+                          else model(train.batch(index, runtime.device)))
             loss = F.cross_entropy(logits.float(), train_y[index].to(runtime.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.data.decode import _BadFilePolicy
-from selfsup.data.split import holdout_mask
 from selfsup.errors import SelfsupError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -98,7 +97,7 @@ def load_image_source(
 ) -> ImageSet:
     """Load every image a source names, decoded and resized, with its labels and subgroups.
 
-    `source` is a built-in dataset name (see `builtin.BUILTIN`), a folder of images (sub-folders
+    `source` is a built-in dataset name (see `builtins.BUILTIN`), a folder of images (sub-folders
     become classes when the folder holds nothing but them), a .csv/.jsonl manifest with a `path`
     column, or a .npz file with `x` (and optionally `y`). A built-in name wins over a folder of the
     same name in the working directory; write "./mnist" to mean the folder.
@@ -106,8 +105,8 @@ def load_image_source(
     `on_bad="error"` stops at the first file that cannot be decoded; `"skip"` drops such files,
     logs a summary, and still fails if more than `max_bad_fraction` of them are bad.
     """
-    # builtin and sources import this module (for ImageSet, images_from_array), so they are imported here
-    from selfsup.data.builtin import BUILTIN, load_builtin
+    # builtins and sources import this module (for ImageSet, images_from_array), so they are imported here
+    from selfsup.data.builtins import BUILTIN, load_builtin
     from selfsup.data.sources import _load_folder, _load_manifest, _load_npz
 
     source = os.fspath(source)
@@ -141,19 +140,6 @@ def load_image_source(
     hint = difflib.get_close_matches(source, list(BUILTIN), n=1)
     did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise SelfsupError(f"{source}: no such file or folder{did_you_mean}; an image source is {accepted}")
-
-
-def split_holdout(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Split off a held-out part, stratified by label so that every class keeps its proportion.
-
-    Which rows go is decided by `split.holdout_mask` (shared with text): round(fraction * n) of each
-    class's n rows, at least 1 when n >= 2 and never all of them. Both parts keep the source order;
-    the same seed gives the same split.
-    """
-    is_held = holdout_mask(data.labels, len(data), fraction, seed)
-    if not bool(is_held.any()):  # nothing to hold out: keep the set itself rather than copy its images
-        return data, data.subset([])
-    return data.subset(~is_held), data.subset(is_held)
 
 
 def images_from_array(x: np.ndarray, image_size: int, channels: int) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """The held-out split shared by every modality: stratified by label, seeded, source order kept.
 
-Images (`images.split_holdout`) and text (`text.split_holdout_text`) hold different rows but the same
-labels tensor, so the choice of rows lives here and each set only applies it with its own `subset`.
+Every modality's dataset holds different rows but the same kind of labels tensor, so the choice of
+rows lives here and each dataset only applies it with its own `subset` (`Modality.split`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -39,3 +40,20 @@ def holdout_mask(labels: torch.Tensor | None, num_items: int, fraction: float, s
         order = torch.randperm(num_members, generator=generator)
         is_held[members[order[:num_held]]] = True
     return is_held
+
+
+def split_holdout(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(training, held-out) parts of any modality's dataset: stratified by label, seeded, both in
+    source order; a fraction that holds nothing out gives the whole set and an empty held-out part."""
+    is_held = holdout_mask(data.labels, len(data), fraction, seed)
+    if not bool(is_held.any()):
+        return data, data.subset([])
+    return data.subset(~is_held), data.subset(is_held)
+
+
+def labelled_rows(data: Any, what: str) -> torch.Tensor:
+    """Indices of the rows of a dataset (any modality's) that carry a label; an error when there are none."""
+    if data.labels is None or not bool((data.labels >= 0).any()):
+        raise SelfsupError(f"{data.source}: the {what} split has no labels, so it cannot be probed; "
+                           f"use a labelled source (class sub-folders, a manifest label column, or .npz `y`)")
+    return torch.nonzero(data.labels >= 0).flatten()

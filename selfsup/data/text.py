@@ -26,11 +26,10 @@ from typing import Literal
 import torch
 
 from selfsup.data.sources import _cell, _sorted_classes, walk_files
-from selfsup.data.split import holdout_mask
 from selfsup.errors import SelfsupError
 
 TEXT_EXTENSIONS = (".txt",)
-# Built-in corpora that `load_text_source` accepts by name (each also in builtin.BUILTIN).
+# Built-in corpora that `load_text_source` accepts by name (each also in builtins.BUILTIN).
 TEXT_BUILTINS = ("manpages",)
 _ACCEPTED = ("a built-in corpus (manpages), a folder of .txt files, a .txt file (one document per line), "
              "a .jsonl file with a text field, or a .csv file with a text column")
@@ -332,11 +331,11 @@ def load_text_source(source: str | Path, **kw) -> TextSet:
     A built-in name wins over a folder of the same name in the working directory; write
     "./manpages" to mean the folder.
     """
-    from selfsup.data.builtin import BUILTIN  # builtin imports images; only needed here
+    from selfsup.data.builtins import BUILTIN  # builtins imports images; only needed here
 
     name = os.fspath(source)
     if name in TEXT_BUILTINS:
-        from selfsup.data.manpages import load_manpages  # it imports this module
+        from selfsup.data.builtins.manpages import load_manpages  # it imports this module
 
         return load_manpages()
     if name in BUILTIN:
@@ -365,12 +364,3 @@ def texts_from_records(records: Iterable[TextRecord], source: str) -> TextSet:
     class_index = {name: i for i, name in enumerate(classes)}
     labels = torch.tensor([class_index[name] if name is not None else -1 for name in names], dtype=torch.long)
     return TextSet(texts, ids, labels, classes, groups, source)
-
-
-def split_holdout_text(data: TextSet, fraction: float, seed: int) -> tuple[TextSet, TextSet]:
-    """Split off a held-out part exactly as `images.split_holdout` does (`split.holdout_mask`):
-    stratified by label, seeded, both parts in source order."""
-    is_held = holdout_mask(data.labels, len(data), fraction, seed)
-    if not bool(is_held.any()):
-        return data, data.subset([])
-    return data.subset(~is_held), data.subset(is_held)

@@ -15,7 +15,7 @@ torchvision, all deliberate:
   it aliases where torchvision's antialiased resize would not.
 - the order of the four colour-jitter operations is drawn once per batch, not once per image.
 
-The per-pixel colour operations themselves are in `selfsup.data.colour`.
+The per-pixel colour operations themselves are in `selfsup.nn.colour`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.data.colour import (
+from selfsup.nn.colour import (
     _choose,
     _per_sample,
     adjust_brightness,

@@ -27,14 +27,14 @@ class EncoderSpec(NamedTuple):
     """One registered encoder: how to configure it, what to build, and its preset."""
 
     config_type: type  # the config dataclass
-    module_type: type[nn.Module]  # built as module_type(config, **inputs), inputs per MODALITY_INPUTS[modality]
+    module_type: type[nn.Module]  # built as module_type(config, **inputs)
     defaults: dict[str, Any]  # the preset: overrides of the config dataclass defaults
     description: str  # one line for `--help` listings
-    modality: str = "image"  # "image" or "text": which inputs it is built for and consumes
+    modality: str = "image"  # the modality it reads (a name in selfsup.modalities.MODALITIES)
+    inputs: tuple[str, ...] = ("in_channels", "image_size")  # what the data fixes besides the config (module kwargs)
 
 
-# What build_encoder needs besides the config, per modality (the module's keyword arguments).
-MODALITY_INPUTS: dict[str, tuple[str, ...]] = {"image": ("in_channels", "image_size"), "text": ("vocab_size", "max_len")}
+IMAGE_INPUTS, TEXT_INPUTS = ("in_channels", "image_size"), ("vocab_size", "max_len")
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -60,14 +60,14 @@ ENCODERS: dict[str, EncoderSpec] = {
          "embed_norm": True, "lm_transform": True},
         "bidirectional text transformer for MLM (dim 256, depth 4, 4 heads, FFN 1024, learned positions, "
         "BERT's embedding norm and MLM head; exports as RoBERTa-PreLayerNorm)",
-        "text",
+        "text", TEXT_INPUTS,
     ),
     "text_decoder": EncoderSpec(
         TextTransformerConfig, TextTransformer,
         {"dim": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "positions": "learned", "causal": True},
         "causal text transformer for next-token prediction (dim 256, depth 4, 4 heads, FFN 1024, learned positions; "
         "exports as GPT-2)",
-        "text",
+        "text", TEXT_INPUTS,
     ),
 }
 
@@ -101,53 +101,47 @@ def encoder_config(name: str, overrides: dict | None = None) -> Any:
     return spec.config_type(**values)
 
 
-def _inputs(name: str, given: dict[str, int | None]) -> dict[str, int]:
-    """The keyword inputs the named encoder's modality needs, or an error naming what is missing or foreign."""
-    modality = _spec(name).modality
-    needed = MODALITY_INPUTS[modality]
-    missing = [key for key in needed if given[key] is None]
-    foreign = [key for key, value in given.items() if value is not None and key not in needed]
+def _split_inputs(name: str, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the encoder's inputs, config overrides) of `given`; an error naming what is missing, or what
+    is another encoder's input (an image encoder given a vocabulary size, say)."""
+    spec = _spec(name)
+    every_input = {key for entry in ENCODERS.values() for key in entry.inputs}
+    inputs = {key: given[key] for key in spec.inputs if given.get(key) is not None}
+    missing = [key for key in spec.inputs if key not in inputs]
+    foreign = [key for key, value in given.items() if value is not None and key in every_input - set(spec.inputs)]
     if missing or foreign:
         raise SelfsupError(
-            f"encoder '{name}' is a {modality} encoder: build it with {' and '.join(needed)}"
+            f"encoder '{name}' is a {spec.modality} encoder: build it with {' and '.join(spec.inputs)}"
             + (f" (missing {', '.join(missing)})" if missing else "")
             + (f" (not {', '.join(foreign)}, which are for other modalities)" if foreign else "")
         )
-    return {key: given[key] for key in needed}
+    overrides = {key: value for key, value in given.items() if key not in every_input}
+    return inputs, overrides
 
 
-def build_encoder(
-    name: str, *, in_channels: int | None = None, image_size: int | None = None, vocab_size: int | None = None,
-    max_len: int | None = None, config: dict | None = None, **overrides: Any,
-) -> nn.Module:
-    """Build the named encoder: for images of `in_channels` x `image_size` x `image_size`, or for text
-    of token ids below `vocab_size` in sequences of at most `max_len`.
+def build_encoder(name: str, *, config: dict | None = None, **given: Any) -> nn.Module:
+    """Build the named encoder for its inputs (images: `in_channels` and `image_size`; text:
+    `vocab_size` and `max_len`; each registered encoder declares its own).
 
-    `config` (as written by `describe_encoder`) and `overrides` are both applied to the preset,
-    `overrides` last, so `build_encoder(**describe_encoder(...))` rebuilds the same architecture.
-    ResNets accept any image size and ignore `image_size`.
+    `config` (as written by `describe_encoder`) and the other keywords (overrides) are both applied
+    to the preset, overrides last, so `build_encoder(**describe_encoder(...))` rebuilds the same
+    architecture. ResNets accept any image size and ignore `image_size`.
     """
-    inputs = _inputs(name, {"in_channels": in_channels, "image_size": image_size, "vocab_size": vocab_size,
-                            "max_len": max_len})
+    inputs, overrides = _split_inputs(name, given)
     cfg = encoder_config(name, {**(config or {}), **overrides})
     return _spec(name).module_type(cfg, **inputs)
 
 
-def describe_encoder(
-    name: str, *, in_channels: int | None = None, image_size: int | None = None, vocab_size: int | None = None,
-    max_len: int | None = None, **overrides: Any,
-) -> dict:
+def describe_encoder(name: str, **given: Any) -> dict:
     """A JSON-able description of the encoder that `build_encoder(**description)` rebuilds.
 
     The full resolved config is stored (not just the overrides), so the description still rebuilds
-    the same shapes if a preset's defaults change later. It holds the modality's inputs only
-    (in_channels/image_size or vocab_size/max_len).
+    the same shapes if a preset's defaults change later. It holds the encoder's declared inputs only.
     """
-    inputs = _inputs(name, {"in_channels": in_channels, "image_size": image_size, "vocab_size": vocab_size,
-                            "max_len": max_len})
+    inputs, overrides = _split_inputs(name, given)
     cfg = encoder_config(name, overrides)
     return {"name": name, **inputs, "config": dataclasses.asdict(cfg)}
 
 
-__all__ = ["ENCODERS", "MODALITY_INPUTS", "EncoderSpec", "ResNet", "ResNetConfig", "TextTransformer",
+__all__ = ["ENCODERS", "IMAGE_INPUTS", "TEXT_INPUTS", "EncoderSpec", "ResNet", "ResNetConfig", "TextTransformer",
            "TextTransformerConfig", "ViT", "ViTConfig", "build_encoder", "describe_encoder", "encoder_config"]

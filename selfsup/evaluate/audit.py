@@ -34,12 +34,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from selfsup.adapt.frozen import prepare_images
 from selfsup.adapt.run import load_task, task_split, write_predictions
-from selfsup.adapt.task import TaskInputs, TaskModel, features_and_logits
-from selfsup.data.images import ImageSet
-from selfsup.data.text import TextSet
-from selfsup.data.views import crop_flip_resize, sample_crop_boxes
+from selfsup.adapt.task import features_and_logits
 from selfsup.errors import SelfsupError
 from selfsup.files import check_owned, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
 from selfsup.evaluate.representation import format_diagnostics, representation_diagnostics
@@ -82,10 +78,10 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     content plus "text" (what to print)."""
     task_dir = Path(task_dir)
     began = time.perf_counter()
-    model, task, tokenizer = load_task(task_dir)
+    model, task, reader = load_task(task_dir)
     runtime = runtime or init_runtime("auto", "auto")
     model.to(runtime.device)
-    split, inputs = task_split(task, tokenizer, data)
+    split, inputs = task_split(task, reader, data)
     rows_evaluated = "held-out rows" if data is None else f"every row of {data} (training rows included)"
     if split.labels is None or not bool((split.labels >= 0).any()):
         raise SelfsupError(f"{task_dir}: the rows to evaluate ({rows_evaluated}) carry no labels; evaluate on "
@@ -118,22 +114,21 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
         lines = [format_subgroups(subgroups)]
         if slices:
             found = discover_slices(z.numpy(), correct, ids, num_clusters=num_clusters, alpha=alpha, seed=seed)
-            _describe_slices(found, split, labelled, tmp)
+            _describe_slices(found, reader, split, labelled, tmp)
             result["slices"] = found
             lines.append(format_slices(found))
-        view_a, view_b = _positive_pairs(model, split, inputs, labelled, task["preprocess"], runtime, seed)
+        # Two views of the same items, as the modality makes them (two crops, a document's first two blocks).
+        model.eval()
+        generator = torch.Generator().manual_seed(seed)
+        pair_rows = labelled[torch.randperm(len(labelled), generator=generator)[:PAIRS_MAX_ROWS]]
+        pairs = reader.positive_pairs(model.encoder, split, inputs, pair_rows, runtime, generator)
         k = min(10, len(labelled) - 1)
         diagnostics = representation_diagnostics(z.numpy(), labels=y.numpy() if k >= 1 else None,
                                                  groups=groups or None, k=max(k, 1),
-                                                 pairs=None if view_a is None else (view_a.numpy(), view_b.numpy()),
+                                                 pairs=None if pairs.first is None else (pairs.first.numpy(),
+                                                                                         pairs.second.numpy()),
                                                  seed=seed)
-        if view_a is not None:
-            diagnostics["pairs"] = ("two random crops (scale 0.5-1) of each image" if isinstance(split, ImageSet)
-                                    else "the first two blocks of each document of two or more blocks")
-        elif isinstance(split, TextSet):
-            diagnostics["pairs"] = ("no alignment: no document spans two blocks"
-                                    + (" (this task reads one block per document; adapt with --text-chunks 2 or more)"
-                                       if task["adapt"].get("text_chunks", 1) < 2 else ""))
+        diagnostics["pairs"] = pairs.description
         result["diagnostics"] = diagnostics
         lines.append(format_diagnostics(diagnostics))
         coords, shown, method = embedding_map(z, seed)
@@ -153,53 +148,17 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     return result
 
 
-def _describe_slices(found: dict[str, Any], split: ImageSet | TextSet, labelled: Tensor, out: Path) -> None:
-    """Adds what a person needs to recognise each slice: thumbnails (images) or opening words (text)."""
+def _describe_slices(found: dict[str, Any], reader: Any, split: Any, labelled: Tensor, out: Path) -> None:
+    """Adds what a person needs to recognise each slice, as the modality shows an example: a
+    thumbnail grid (written beside the evaluation) or opening words."""
     for s in found["slices"]:
         rows = labelled[torch.tensor(s["member_indices"][:_THUMBNAILS], dtype=torch.long)]
-        if isinstance(split, ImageSet):
-            from selfsup.report.previews import grid_image
-
+        shown = reader.examples(split, rows)
+        if "thumbnail" in shown:
             name = f"slice-{s['cluster']}.png"
-            grid_image([("nearest centre", split.images[rows].float() / 255)]).save(out / name)
+            shown.pop("thumbnail").save(out / name)
             s["thumbnails"] = name
-        else:
-            s["snippets"] = [" ".join(split.texts[int(i)].split())[:120] for i in rows[:3]]
-
-
-@torch.no_grad()
-def _positive_pairs(model: TaskModel, split: ImageSet | TextSet, inputs: TaskInputs, labelled: Tensor,
-                    preprocess: dict[str, Any], runtime: Runtime, seed: int) -> tuple[Tensor | None, Tensor | None]:
-    """Embeddings [P, D] of two views of the same items (module docstring), or (None, None) when none exist."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    rows = labelled[torch.randperm(len(labelled), generator=generator)[:PAIRS_MAX_ROWS]]
-    views: list[list[Tensor]] = [[], []]
-    if isinstance(split, ImageSet):
-        for start in range(0, len(rows), 256):
-            images = split.images[rows[start : start + 256]]
-            B, C, H, W = images.shape
-            for v in range(2):
-                boxes = sample_crop_boxes(B, H, W, (0.5, 1.0), (3 / 4, 4 / 3), generator)
-                crops = crop_flip_resize(images.float(), boxes, torch.zeros(B), H).round().clamp(0, 255).to(torch.uint8)
-                with runtime.autocast():
-                    views[v].append(model.pool(prepare_images(crops.to(runtime.device), preprocess)).float().cpu())
-    else:
-        first_chunk = inputs.first_chunk  # documents' block ranges in the task inputs
-        two = [int(i) for i in rows if int(first_chunk[i + 1] - first_chunk[i]) >= 2]
-        if len(two) < 2:
-            return None, None
-        for start in range(0, len(two), 64):
-            first = torch.tensor([int(first_chunk[i]) for i in two[start : start + 64]])
-            for v in range(2):
-                mask = inputs.mask[first + v]
-                width = int(mask.sum(dim=1).max())
-                with runtime.autocast():
-                    views[v].append(model.encoder.embed(inputs.input_ids[first + v, :width].to(runtime.device),
-                                                        mask[:, :width].to(runtime.device)).float().cpu())
-    if not views[0]:
-        return None, None
-    return torch.cat(views[0]), torch.cat(views[1])
+        s.update(shown)
 
 
 def embedding_map(z: Tensor, seed: int) -> tuple[Tensor, Tensor, str]:

@@ -37,11 +37,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from selfsup.adapt.frozen import encoder_features, labelled_rows, text_features
 from selfsup.adapt.run import adapt
 from selfsup.adapt.sampling import stratified_fraction
 from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
 from selfsup.adapt.task import AdaptConfig
+from selfsup.data.split import labelled_rows
 from selfsup.errors import SelfsupError
 from selfsup.files import claim_output, mark, names_in, remove_owned, write_atomic
 from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
@@ -144,7 +144,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
                  ladder: Sequence[int] | None = None, k_shot: bool = False, num_seeds: int = 3,
                  data: str | None = None, epochs: int = 50, patience: int = 5, scratch_lr: float = 1e-3,
                  text_chunks: int = 4, metric: str = "accuracy", keep: bool = False, overwrite: bool = False,
-                 runtime: Runtime | None = None) -> dict[str, Any]:
+                 runtime: Runtime | None = None, tower: str | None = None) -> dict[str, Any]:
     """Adapts `base` and `random:base` at every rung and seed; writes leverage.json and leverage.png in
     `out` and returns what leverage.json holds (plus `text`, the printed table with its notes). The
     curves compare `metric` (one of METRICS); every run's three test metrics are kept in "runs"."""
@@ -182,7 +182,8 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
                 for side in SIDES:
                     cfg = AdaptConfig(**{**asdict(configs[side]), **budget, "seed": seed})
                     task_dir = root / f"{side}-n{rung['num_labels']}-s{seed}"
-                    metrics = adapt(bases[side], task_dir, cfg, data=data, runtime=runtime, overwrite=overwrite)
+                    metrics = adapt(bases[side], task_dir, cfg, data=data, runtime=runtime, overwrite=overwrite,
+                                    tower=tower)
                     if not keep:
                         shutil.rmtree(task_dir, ignore_errors=True)
                     accuracy[side][-1].append(metrics[METRICS[metric]])
@@ -226,15 +227,11 @@ def _check_metric(metric: str) -> None:
         raise SelfsupError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
 
 
-def _modality(meta: dict[str, Any]) -> str:
-    return meta["preprocess"].get("modality", "image")
-
-
 def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, scores: Sequence[str] = SCORES,
                  budget_s: float | None = 60.0, max_samples: int = 2000, validate: bool = False,
                  mode: Literal["head", "lora", "finetune"] = "head", epochs: int = 50, patience: int = 5,
                  text_chunks: int = 4, metric: str = "accuracy", seed: int = 0, keep: bool = False, overwrite: bool = False,
-                 runtime: Runtime | None = None) -> dict[str, Any]:
+                 runtime: Runtime | None = None, tower: str | None = None) -> dict[str, Any]:
     """Ranks `bases` by frozen-feature scores on a labelled sample of the data; with `validate`, also
     adapts each and measures how well each score predicted the ranking. Writes `out`/select.json and
     returns its content (plus `text`, what to print)."""
@@ -250,10 +247,10 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     claim_output(out, "select", SELECT_FILES, overwrite=overwrite)
     adapt_cfg = AdaptConfig(mode=mode, epochs=epochs, patience=patience, text_chunks=text_chunks, seed=seed)
     adapt_cfg.validate()
-    loaded = {name: load_base(name) for name in bases}
+    loaded = {name: load_base(name, tower) for name in bases}
     first_of: dict[str, str] = {}
-    for name, (_, meta, _) in loaded.items():
-        first_of.setdefault(_modality(meta), name)
+    for name, (_, _, reader) in loaded.items():
+        first_of.setdefault(reader.modality, name)
     if len(first_of) > 1:
         shown = ", ".join(f"{name} is {modality}" for modality, name in first_of.items())
         raise SelfsupError(f"the bases must share a modality to be compared on one data set: {shown}")
@@ -266,17 +263,10 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
         labels = train.labels[rows]
     runtime = runtime or init_runtime("auto", "auto")
     features, embed_seconds = {}, {}
-    for name, (encoder, meta, tokenizer) in loaded.items():
+    for name, (encoder, meta, reader) in loaded.items():
         began = time.perf_counter()
-        pre = meta["preprocess"]
-        if modality == "text":
-            # The blocks `adapt` feeds: the scores should predict what adapt reaches.
-            texts = [train.texts[i] for i in rows.tolist()]
-            feats = text_features(encoder, tokenizer, texts, int(pre["seq_len"]), runtime.device,
-                                  runtime.autocast_dtype, max_chunks=adapt_cfg.text_chunks)
-        else:
-            feats = encoder_features(encoder.to(runtime.device), train.images[rows], pre, runtime.device,
-                                     runtime.autocast_dtype)
+        # The pieces `adapt` feeds (a document's first text_chunks blocks): the scores should predict what adapt reaches.
+        feats = reader.features(encoder, train, rows, runtime, chunks=adapt_cfg.text_chunks)
         features[name] = feats.numpy()
         embed_seconds[name] = time.perf_counter() - began
         log.info("select: embedded %d rows with %s in %.2f s", len(rows), name, embed_seconds[name])
@@ -288,7 +278,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
                               "num_classes": int(torch.unique(labels).numel()), "scores": list(scores),
                               "budget_s": budget_s, "embed_seconds": embed_seconds, "ranking": ranking}
     if validate:
-        result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime, metric)
+        result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime, metric, tower)
         lines += _format_validation(result["validation"])
     write_atomic(out / SELECT_JSON, json.dumps(result, indent=1))
     result["text"] = "\n".join(lines)
@@ -296,7 +286,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
 
 
 def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: str, out: Path, keep: bool,
-              overwrite: bool, runtime: Runtime, metric: str = "accuracy") -> dict[str, Any]:
+              overwrite: bool, runtime: Runtime, metric: str = "accuracy", tower: str | None = None) -> dict[str, Any]:
     """Adapts every base on `source` and returns its test `metric` and each score's Kendall tau against it."""
     accuracy: dict[str, float] = {}
     everything: dict[str, dict[str, float]] = {}
@@ -306,7 +296,8 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
         for i, name in enumerate(bases):
             label = ("random-" if name.startswith(RANDOM_PREFIX) else "") + Path(name.split(":")[-1]).name
             # `source` for every base, not each base's own data: the accuracies must be on the same rows.
-            metrics = adapt(name, root / f"{i}-{label}", cfg, data=source, runtime=runtime, overwrite=overwrite)
+            metrics = adapt(name, root / f"{i}-{label}", cfg, data=source, runtime=runtime, overwrite=overwrite,
+                            tower=tower)
             accuracy[name] = metrics[METRICS[metric]]
             everything[name] = {k: metrics[k] for k in METRICS.values()}
             log.info("select: %s adapted (%s) to test %s %.4f", name, cfg.mode, metric, accuracy[name])

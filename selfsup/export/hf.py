@@ -121,11 +121,13 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
             raise SelfsupError(f"{run_dir / name}: not found; is {run_dir} a finished selfsup run directory?")
     encoder, meta = load_encoder(run_dir)
     preprocess = meta.get("preprocess", {})
-    if preprocess.get("modality") != "text" or not isinstance(encoder, TextTransformer):
+    if not isinstance(encoder, TextTransformer):
+        from selfsup.modalities import modality_of
+
         raise SelfsupError(
             f"{run_dir / META}: encoder '{meta.get('encoder', {}).get('name')}' is not a text transformer "
-            f"(modality {preprocess.get('modality')!r}); only text runs export to Hugging Face (--format hf), "
-            "use its encoder.safetensors + encoder.json with selfsup (selfsup.export.encoder.load_encoder)"
+            f"(a {modality_of(meta, str(run_dir / META)).name} encoder); only text runs export to Hugging Face "
+            "(--format hf): use --format encoder for selfsup's own files (selfsup.export.encoder.load_encoder)"
         )
     architecture = _architecture(encoder, run_dir / META)
     tokenizer_path = run_dir / str(preprocess.get("tokenizer") or "tokenizer.json")

@@ -2,6 +2,15 @@
 
 Adding an objective: copy the nearest method file, edit its `Config` and `forward`, add its line to
 `METHODS`; the contract test in tests/methods covers it.
+
+The method contract (docs/architecture.md has it whole):
+- `cls(cfg, **towers)`: the method's Config and its encoders by role, each kept as the attribute of
+  that name (`self.encoder` for single-tower methods; what `pretrain` exports per tower);
+- `forward(batch, progress) -> {"loss": ..., parts to log}`; never backward, optimizers or logging;
+- optional hooks: `after_optimizer_step(progress)` (EMA, centres); `fit_targets(data: FitData,
+  generator) -> stats` for targets made from the data before step 1 (`fits_targets = True`; held in
+  buffers, so a resume skips it); `save_artifacts(folder)` for files the run keeps beside the
+  encoder (named in MethodSpec.artifacts); `preview(rgb, mean, std, generator)` rows for the report.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ class MethodSpec:
     # blocks (input_ids, token_mask, document_ids, optional attention_mask/position_ids, generator).
     inputs: Literal["views", "tokens"]
     summary: str  # one line for `--help`
+    modality: str = "image"  # the data it trains on unless `data.modality` says otherwise
     views: dict[str, Any] = field(default_factory=dict)  # the method's view recipe: defaults under the user's `views:`
     encoder: str = "resnet18"  # the encoder used when the config names none
     tokenizer: str | None = None  # token methods: the tokenizer kind trained for them ("wordpiece" / "bpe")
@@ -37,15 +47,16 @@ class MethodSpec:
     # What couples a batch's samples in the objective itself (beyond BatchNorm, which pretrain detects):
     # with train.accum_steps > 1 it spans one micro-batch, and the run warns so (README: accumulation).
     batch_coupling: str | None = None
+    # Methods with several encoders: role -> default encoder name (single-tower methods: None, and
+    # `encoder` above is the default); a tower's modality, when it is not the data's (CLIP's text).
+    towers: dict[str, str] | None = None
+    tower_modalities: dict[str, str] = field(default_factory=dict)
+    artifacts: tuple[str, ...] = ()  # files `save_artifacts` writes into the run directory
 
     @property
-    def modality(self) -> str:
-        return "image" if self.inputs == "views" else "text"
-
-    @property
-    def default_source(self) -> str:
-        """The built-in dataset a run uses when `data.source` is not given."""
-        return "mnist" if self.inputs == "views" else "manpages"
+    def roles(self) -> tuple[str, ...]:
+        """The method's towers, in order; the first is the one commands use by default."""
+        return ("encoder",) if self.towers is None else tuple(self.towers)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -62,16 +73,16 @@ METHODS: dict[str, MethodSpec] = {
     "beit": MethodSpec(beit.Config, beit.BEiT, "views",
                        "BEiT (Bao et al. 2021): predict the visual tokens (k-means on this data) of blockwise-masked patches",
                        views={"num_views": 1, "crop_scale": [0.2, 1.0], "jitter_p": 0.8, "hue": 0.0, "grayscale_p": 0.0},
-                       encoder="vit_tiny", vit_only=True),
+                       encoder="vit_tiny", vit_only=True, artifacts=(beit.VISUAL_TOKENS_FILE,)),
     "colorize": MethodSpec(colorize.Config, colorize.Colorize, "views",
                            "Colourisation (Zhang et al. 2016): predict quantised, rebalanced ab colour from lightness",
                            views={"num_views": 1, "crop_scale": [0.5, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0},
                            encoder="resnet18", input_transform="grey"),
     "mlm": MethodSpec(mlm.Config, mlm.MLM, "tokens", "BERT masked-LM (Devlin et al. 2018): predict 15 % masked tokens (80/10/10)",
-                      encoder="text_encoder", tokenizer="wordpiece", causal=False, tokenizer_fields=("mask_id", "special_ids")),
+                      modality="text", encoder="text_encoder", tokenizer="wordpiece", causal=False, tokenizer_fields=("mask_id", "special_ids")),
     "next_token": MethodSpec(next_token.Config, next_token.NextToken, "tokens",
                              "GPT next-token prediction (Radford et al. 2018): shifted cross-entropy with a causal decoder",
-                             encoder="text_decoder", tokenizer="bpe", causal=True),
+                             modality="text", encoder="text_decoder", tokenizer="bpe", causal=True),
 }
 
 
@@ -90,5 +101,12 @@ def method_config(section: dict[str, Any]) -> Any:
     return from_dict(method_spec(name).config, knobs, prefix="method.")
 
 
-def build_method(section: dict[str, Any], encoder: nn.Module) -> nn.Module:
-    return method_spec(section["name"]).cls(method_config(section), encoder)
+def build_method(section: dict[str, Any], encoder: nn.Module | None = None, **towers: nn.Module) -> nn.Module:
+    """The method of a `method:` section over its towers: `encoder` for single-tower methods, or one
+    keyword per role (`image=..., text=...`)."""
+    spec = method_spec(section["name"])
+    if encoder is not None:
+        towers = {"encoder": encoder, **towers}
+    if set(towers) != set(spec.roles):
+        raise SelfsupError(f"method `{section['name']}` takes the towers {', '.join(spec.roles)}, got {', '.join(towers)}")
+    return spec.cls(method_config(section), **towers)

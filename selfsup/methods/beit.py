@@ -24,8 +24,9 @@ fit small images (8x8 patches at 32 px).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,11 @@ from torch import Tensor, nn
 from selfsup.errors import SelfsupError
 from selfsup.nn.masking import blockwise_mask, patchify
 from selfsup.nn.targets import KMeansTokenizer
+
+if TYPE_CHECKING:
+    from selfsup.modalities.base import FitData
+
+VISUAL_TOKENS_FILE = "visual_tokens.safetensors"  # the run keeps the k-means codebook of patch tokens
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Config:
 
 
 class BEiT(nn.Module):
-    fits_targets = True  # pretrain calls fit_targets(images) before training
+    fits_targets = True  # pretrain calls fit_targets(data, generator) before training
 
     def __init__(self, cfg: Config, encoder: nn.Module):
         super().__init__()
@@ -61,13 +67,18 @@ class BEiT(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def fit_targets(self, images: Tensor, normalise: Callable[[Tensor], Tensor], generator: torch.Generator) -> dict:
-        """Fit the visual tokenizer on the patches of uint8 training images [M, C, H, W], normalised as the views are."""
+    def fit_targets(self, data: FitData, generator: torch.Generator) -> dict:
+        """Fit the visual tokenizer on the patches of the uint8 training images [M, C, H, W], normalised as the views are."""
+        images = data.items
         # A random sample: the split keeps source order (class folders sorted), so its head is a few classes.
         pick = torch.randperm(len(images), generator=generator, device=generator.device)[: self.cfg.fit_max_images]
-        sample = normalise(images[pick.sort().values.to(images.device)].to(generator.device))  # [M, C, H, W]
+        sample = data.prepare(images[pick.sort().values.to(images.device)].to(generator.device))  # [M, C, H, W]
         patches = patchify(sample, self.encoder.patch_size)  # [M, N, P]
         return self.tokenizer.fit(patches.reshape(-1, patches.shape[-1]), generator, num_passes=self.cfg.fit_passes)
+
+    def save_artifacts(self, folder: Path) -> None:
+        """The fitted codebook beside the encoder (`visual_tokens.safetensors`), so a reader of the run sees its targets."""
+        self.tokenizer.save(folder / VISUAL_TOKENS_FILE)
 
     def forward(self, batch: dict, progress: float) -> dict[str, Tensor]:
         images = batch["views"][0]  # [B, C, S, S], normalised

@@ -26,15 +26,18 @@ the paper's VGG-style network with dilated convolutions; the encoder input is th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.data.colour import lab_to_rgb, lightness_as_grey, rgb_to_lab
+from selfsup.nn.colour import lab_to_rgb, lightness_as_grey, rgb_to_lab
 from selfsup.errors import SelfsupError
+
+if TYPE_CHECKING:
+    from selfsup.modalities.base import FitData
 
 _AB_RANGE = 110.0  # |a|, |b| of sRGB colours stay within this
 
@@ -72,7 +75,7 @@ def soft_encode(ab: Tensor, centres: Tensor, num_neighbours: int, sigma: float, 
 
 
 class Colorize(nn.Module):
-    fits_targets = True  # pretrain calls fit_targets(images) before training
+    fits_targets = True  # pretrain calls fit_targets(data, generator) before training
 
     def __init__(self, cfg: Config, encoder: nn.Module):
         super().__init__()
@@ -92,8 +95,9 @@ class Colorize(nn.Module):
     # -- targets fitted on the data -------------------------------------------------------------
 
     @torch.no_grad()
-    def fit_targets(self, images: Tensor, normalise: Callable[[Tensor], Tensor], generator: torch.Generator) -> dict:
-        """Bins in use and rebalancing weights from uint8 RGB images [M, 3, H, W] of the training split."""
+    def fit_targets(self, data: FitData, generator: torch.Generator) -> dict:
+        """Bins in use and rebalancing weights from the uint8 RGB training images [M, 3, H, W]."""
+        images = data.items
         if images.shape[1] != 3:
             raise SelfsupError("colorize needs colour images: set data.channels=3 and use a colour source "
                                "(e.g. data.source=emoji); greyscale data has no colour to predict")

@@ -110,7 +110,7 @@ def write_report(run_dir: Path, title: str, results: Sequence[dict[str, Any]] = 
         parts += ["<h2>Probe accuracy on the held-out split</h2>", _results_table(results)]
     for caption, uri in curves(rows):
         parts.append(figure_html(uri, caption))
-    previews = run_dir / "previews.png"  # written by reconstruction objectives (report/previews.py)
+    previews = run_dir / "previews.png"  # written by reconstruction objectives (modalities/image.py)
     if previews.exists():
         parts += ["<h2>What the model makes of held-out images</h2>",
                   figure_html(png_uri(previews), "reconstructions of held-out images")]

@@ -29,8 +29,9 @@ def exported(tmp_path_factory):
 def test_hf_encoder_embeds_like_the_run_it_was_exported_from(exported):
     """Mean pooling of the Hugging Face model's last hidden states is our encoder's own embed."""
     run, _, folder = exported
-    ours, meta, tokenizer = load_base(str(run))
-    theirs, hf_meta, hf_tokenizer = load_base(f"hf:{folder}")
+    ours, meta, reader = load_base(str(run))
+    theirs, hf_meta, hf_reader = load_base(f"hf:{folder}")
+    tokenizer, hf_tokenizer = reader.tokenizer, hf_reader.tokenizer
     assert isinstance(theirs, HFTextEncoder) and theirs.dim == ours.dim
     assert hf_meta["preprocess"]["seq_len"] == 16, "capped by the export's model_max_length"
     texts = ["alpha beta gamma", "delta epsilon zeta eta theta iota kappa"]

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from selfsup.adapt.run import adapt, load_task, predict
-from selfsup.adapt.task import AdaptConfig, TaskInputs, label_budget
+from selfsup.adapt.task import AdaptConfig, label_budget
 from selfsup.cli import EXIT_BAD_INPUT, main
 from selfsup.config import load_config
 from selfsup.errors import SelfsupError
-from selfsup.train.pretrain import pretrain
-from selfsup.train.runtime import Runtime
+from selfsup.pretrain import pretrain
+from selfsup.train.runtime import Runtime, init_runtime
 from tests.train.test_pretrain_text import tiny_text_run
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
@@ -109,12 +109,14 @@ def test_resnet_refuses_lora(tmp_path):
 
 def test_task_inputs_trim_text_padding(text_run):
     from selfsup.adapt.bases import load_base
-    from selfsup.train.pretrain import load_splits
+    from selfsup.modalities import load_splits
 
-    encoder, meta, tokenizer = load_base(str(text_run))
+    encoder, meta, reader = load_base(str(text_run))
+    tokenizer = reader.tokenizer
     train, _ = load_splits(load_config(text_run / "config.yaml"))
-    inputs = TaskInputs(train, torch.arange(4), meta, tokenizer)
-    ids, mask, owner = inputs.batch(torch.arange(4), torch.device("cpu"))
+    inputs = reader.task_inputs(train, torch.arange(4))
+    batch = inputs.batch(torch.arange(4), torch.device("cpu"))
+    (ids, mask), owner = batch.args, batch.owner
     assert ids.shape == mask.shape and ids.shape[1] <= 16 and bool(mask[:, 0].all())
     assert ids[mask].min() >= 0 and int(ids[0, 0]) == tokenizer.cls_id
     assert owner.tolist() == [0, 1, 2, 3], "one block per document by default"
@@ -124,23 +126,21 @@ def test_text_chunks_pool_matches_frozen_features(text_run):
     """A document's feature in adapt is the mean over its first text_chunks blocks, exactly what
     `text_features` (probe, select) computes, whatever order the batch takes the documents in."""
     from selfsup.adapt.bases import load_base
-    from selfsup.adapt.frozen import text_features
     from selfsup.adapt.task import TaskModel
-    from selfsup.train.pretrain import load_splits
+    from selfsup.modalities import load_splits
 
-    encoder, meta, tokenizer = load_base(str(text_run))
+    encoder, meta, reader = load_base(str(text_run))
     train, _ = load_splits(load_config(text_run / "config.yaml"))
     rows = torch.arange(6)
-    inputs = TaskInputs(train, rows, meta, tokenizer, text_chunks=3)
+    inputs = reader.task_inputs(train, rows, chunks=3)
     index = torch.tensor([4, 0, 5])
-    ids, mask, owner = inputs.batch(index, torch.device("cpu"))
-    counts = torch.bincount(owner).tolist()
+    batch = inputs.batch(index, torch.device("cpu"))
+    counts = torch.bincount(batch.owner).tolist()
     assert len(counts) == 3 and all(1 <= c <= 3 for c in counts) and max(counts) > 1, "the documents span blocks"
     model = TaskModel(encoder, 3, "linear").eval()
     with torch.no_grad():
-        pooled = model.pool(ids, mask, owner)
-    expected = text_features(encoder, tokenizer, [train.texts[i] for i in index.tolist()], 16, torch.device("cpu"),
-                             None, max_chunks=3)
+        pooled = model.pool(batch)
+    expected = reader.features(encoder, train, index, init_runtime("cpu", "fp32"), chunks=3)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.data.images import ImageSet, load_image_source, split_holdout
+from selfsup.data.images import ImageSet, load_image_source
+from selfsup.data.split import split_holdout
 from selfsup.errors import SelfsupError
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.data.images import ImageSet, split_holdout
-from selfsup.data.text import TextRecord, TextSet, iter_text_source, load_text_source, split_holdout_text
+from selfsup.data.images import ImageSet
+from selfsup.data.split import split_holdout
+from selfsup.data.text import TextRecord, TextSet, iter_text_source, load_text_source
 from selfsup.errors import SelfsupError
 
 
@@ -269,7 +270,7 @@ def _text_set(labels: list[int] | None, num_rows: int | None = None) -> TextSet:
 def test_split_is_stratified_seeded_and_matches_the_image_split() -> None:
     labels = [0] * 50 + [1] * 20 + [2] * 3 + [3] * 1 + [-1] * 10
     data = _text_set(labels)
-    train, held = split_holdout_text(data, 0.2, seed=0)
+    train, held = split_holdout(data, 0.2, seed=0)
     assert torch.bincount(held.labels + 1, minlength=5).tolist() == [2, 10, 4, 1, 0]
     assert sorted(train.ids + held.ids, key=lambda s: int(s[2:])) == data.ids
     assert train.ids == sorted(train.ids, key=lambda s: int(s[2:]))
@@ -278,18 +279,18 @@ def test_split_is_stratified_seeded_and_matches_the_image_split() -> None:
     images = ImageSet(images=torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8), ids=data.ids,
                       labels=torch.tensor(labels), classes=data.classes)
     assert split_holdout(images, 0.2, seed=0)[1].ids == held.ids  # one rule for every modality
-    assert split_holdout_text(data, 0.2, seed=1)[1].ids != held.ids
-    assert split_holdout_text(data, 0.2, seed=0)[1].ids == held.ids
+    assert split_holdout(data, 0.2, seed=1)[1].ids != held.ids
+    assert split_holdout(data, 0.2, seed=0)[1].ids == held.ids
 
 
 def test_split_unlabelled_and_zero() -> None:
     data = _text_set(None, num_rows=30)
-    train, held = split_holdout_text(data, 0.1, seed=0)
+    train, held = split_holdout(data, 0.1, seed=0)
     assert len(held) == 3 and len(train) == 27 and held.labels is None
-    train, held = split_holdout_text(data, 0.0, seed=0)
+    train, held = split_holdout(data, 0.0, seed=0)
     assert train is data and len(held) == 0
     with pytest.raises(SelfsupError, match="fraction"):
-        split_holdout_text(data, 1.0, seed=0)
+        split_holdout(data, 1.0, seed=0)
 
 
 def test_subset_order_and_mask() -> None:

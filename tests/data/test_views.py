@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.data import colour, views as V
+from selfsup.data import views as V
+from selfsup.nn import colour
 from selfsup.data.views import ImageViews, ViewsConfig, normalise, validate_views_config
 from selfsup.errors import SelfsupError
 

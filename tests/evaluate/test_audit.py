@@ -15,7 +15,7 @@ from selfsup.errors import SelfsupError
 from selfsup.evaluate.audit import EMBEDDINGS, EVAL_DIR, EVAL_JSON, PREDICTIONS, evaluate_task
 from selfsup.report.browser import check_in_browser, external_urls, find_chromium
 from selfsup.report.task_report import MODEL_CARD, write_task_report
-from selfsup.train.pretrain import pretrain
+from selfsup.pretrain import pretrain
 from selfsup.train.runtime import Runtime
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)

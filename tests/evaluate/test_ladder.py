@@ -11,7 +11,7 @@ from selfsup.config import load_config
 from selfsup.errors import SelfsupError
 from selfsup.evaluate.ladder import METRICS, default_ladder, resolve_ladder, run_leverage, select_bases
 from selfsup.evaluate.transferability import SCORES
-from selfsup.train.pretrain import pretrain
+from selfsup.pretrain import pretrain
 from selfsup.train.runtime import Runtime
 from tests.train.test_pretrain_text import tiny_text_run
 

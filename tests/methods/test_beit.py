@@ -8,6 +8,7 @@ from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
 from selfsup.methods import build_method
 from selfsup.nn.masking import blockwise_mask, patchify, unpatchify
+from selfsup.modalities.base import FitData
 
 S, P, K = 16, 4, 16  # 16 px, 4 px patches (4x4 grid), 16 visual tokens
 N = (S // P) ** 2
@@ -26,7 +27,7 @@ def tiny_beit(fit: bool = True):
     encoder = build_encoder("vit_tiny", in_channels=3, image_size=S, dim=32, depth=2, heads=2)
     beit = build_method({"name": "beit", "num_tokens": K}, encoder)
     if fit:
-        beit.fit_targets(training_images(), normalise, gen(3))
+        beit.fit_targets(FitData(training_images(), normalise, torch.device("cpu")), gen(3))
     return beit
 
 
@@ -125,7 +126,7 @@ def test_fit_targets_fits_the_tokenizer_on_normalised_patches():
     with pytest.raises(SelfsupError, match="not fitted"):
         beit(make_batch(), 0.0)
     images = training_images()
-    stats = beit.fit_targets(images, normalise, gen(3))
+    stats = beit.fit_targets(FitData(images, normalise, torch.device("cpu")), gen(3))
     assert bool(beit.tokenizer.fitted) and stats["used"] == K
     assert beit.tokenizer.dim == P * P * 3
     # Fitted on patchify(normalise(images)): every training patch lies on (flat patches: near) its centroid.
@@ -162,6 +163,6 @@ def test_fit_targets_samples_the_training_images_not_their_first_ones():
     red, blue = torch.zeros(3, S, S, dtype=torch.uint8), torch.zeros(3, S, S, dtype=torch.uint8)
     red[0], blue[2] = 255, 255
     images = torch.stack([red] * 8 + [blue] * 8)  # "class folder" order
-    beit.fit_targets(images, normalise, gen(3))
+    beit.fit_targets(FitData(images, normalise, torch.device("cpu")), gen(3))
     ids = beit.tokenizer.assign(patchify(normalise(torch.stack([red, blue])), P))  # [2, N]
     assert ids[0, 0] != ids[1, 0], "red and blue patches must get different tokens"

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.data.colour import lab_to_rgb, lightness_as_grey, rgb_to_lab
+from selfsup.nn.colour import lab_to_rgb, lightness_as_grey, rgb_to_lab
 from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
 from selfsup.methods import build_method
 from selfsup.methods.colorize import ab_bins, soft_encode
+from selfsup.modalities.base import FitData
 
 S = 16
 MEAN, STD = torch.tensor([0.5, 0.45, 0.4]), torch.tensor([0.25, 0.25, 0.3])
@@ -37,7 +38,7 @@ def tiny_colorize(encoder: str = "resnet10"):
 def fitted_colorize(encoder: str = "resnet10"):
     method = tiny_colorize(encoder)
     images = (smooth_colour_images(48) * 255).round().to(torch.uint8)
-    method.fit_targets(images, lambda x: x, gen(0))
+    method.fit_targets(FitData(images, lambda x: x, torch.device("cpu")), gen(0))
     return method
 
 
@@ -108,7 +109,7 @@ def test_a_colour_far_from_every_bin_in_use_still_gets_a_target():
     method = tiny_colorize()
     reds = torch.zeros(8, 3, S, S)
     reds[:, 0] = torch.linspace(0.5, 1.0, S)
-    method.fit_targets((reds * 255).round().to(torch.uint8), lambda x: x, gen(0))
+    method.fit_targets(FitData((reds * 255).round().to(torch.uint8), lambda x: x, torch.device("cpu")), gen(0))
     greens = torch.zeros(2, 3, S, S)
     greens[:, 1] = 0.8
     batch = {"views": [(greens - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)], "generator": gen(1),
@@ -141,7 +142,7 @@ def naive_rebalancing(images: torch.Tensor, centres: torch.Tensor, sigma: float,
 def test_fit_targets_computes_the_papers_rebalancing_weights():
     method = tiny_colorize()
     images = (smooth_colour_images(24) * 255).round().to(torch.uint8)
-    stats = method.fit_targets(images, lambda x: x, gen(0))
+    stats = method.fit_targets(FitData(images, lambda x: x, torch.device("cpu")), gen(0))
     used, smooth, weights = naive_rebalancing(images, method.centres, 5.0, 0.5)
     assert torch.equal(method.in_gamut, used) and 2 < stats["bins_in_gamut"] == int(used.sum()) < len(used)
     assert torch.allclose(method.weights.double(), weights, rtol=1e-4, atol=1e-6)
@@ -156,10 +157,10 @@ def test_fit_targets_computes_the_papers_rebalancing_weights():
 def test_greyscale_data_is_refused_mentioning_colour():
     method = tiny_colorize()
     with pytest.raises(SelfsupError, match="colour"):
-        method.fit_targets(torch.full((4, 1, S, S), 128, dtype=torch.uint8), lambda x: x, gen(0))
+        method.fit_targets(FitData(torch.full((4, 1, S, S), 128, dtype=torch.uint8), lambda x: x, torch.device("cpu")), gen(0))
     grey_rgb = torch.randint(0, 256, (4, 1, S, S), dtype=torch.uint8).expand(4, 3, S, S)
     with pytest.raises(SelfsupError, match="colour"):
-        method.fit_targets(grey_rgb, lambda x: x, gen(0))
+        method.fit_targets(FitData(grey_rgb, lambda x: x, torch.device("cpu")), gen(0))
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_fit_targets_samples_the_training_images_not_their_first_ones():
                           build_encoder("resnet10", in_channels=3, image_size=S, width=8))
     warm, green = torch.full((3, S, S), 40, dtype=torch.uint8), torch.full((3, S, S), 40, dtype=torch.uint8)
     warm[0], warm[1, :, S // 2 :], green[1] = 220, 140, 200  # "class 1": red and orange; "class 2": green
-    method.fit_targets(torch.stack([warm] * 8 + [green] * 8), lambda x: x, gen(0))
+    method.fit_targets(FitData(torch.stack([warm] * 8 + [green] * 8), lambda x: x, torch.device("cpu")), gen(0))
     for colour in (warm[:, :, :1], warm[:, :, -1:], green[:, :, :1]):
         ab = rgb_to_lab(colour[None].float() / 255)[0, 1:, 0, 0]
         assert method.in_gamut[torch.cdist(ab[None], method.centres).argmin()], "every colour's bin must be in use"

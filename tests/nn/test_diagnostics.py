@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from selfsup.data.builtin import load_builtin
+from selfsup.data.builtins import load_builtin
 from selfsup.data.views import normalise
 from selfsup.encoders import build_encoder
 from selfsup.nn.diagnostics import collapse_warning, embedding_diagnostics

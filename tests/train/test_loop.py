@@ -17,7 +17,7 @@ from selfsup.methods import build_method
 from selfsup.train import checkpoint
 from selfsup.train.loop import Interrupted, fit
 from selfsup.train.optim import lr_at
-from selfsup.train.pretrain import knn_monitor
+from selfsup.modalities.image import knn_monitor
 from selfsup.train.runtime import Runtime
 from tests.conftest import make_image_set, tiny_train_config
 

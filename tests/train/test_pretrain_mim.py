@@ -15,8 +15,9 @@ import selfsup.methods.colorize as colorize_module
 from selfsup.config import load_config
 from selfsup.errors import SelfsupError
 from selfsup.nn.targets import KMeansTokenizer
-from selfsup.report.previews import PREVIEWS_FILE
-from selfsup.train.pretrain import VISUAL_TOKENS_FILE, pretrain
+from selfsup.methods.beit import VISUAL_TOKENS_FILE
+from selfsup.modalities.image import PREVIEWS_FILE
+from selfsup.pretrain import pretrain
 
 COMMON = {"data.image_size": 16, "train.precision": "fp32", "train.device": "cpu", "train.batch_size": 16,
           "train.checkpoint_every": 2, "train.keep_last": 10, "train.eval_every": 0, "train.log_every": 100}

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from selfsup.config import load_config
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder
-from selfsup.train.pretrain import TOKENIZER_FILE, pretrain
+from selfsup.modalities.text import TOKENIZER_FILE
+from selfsup.pretrain import pretrain
 
 # Three "topics", each with its own words, so there is something to learn and to probe.
 TOPICS = {

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from selfsup.data.prepared import debian_package_versions
+from selfsup.data.builtins.prepared import debian_package_versions
 from selfsup.errors import SelfsupError
 
 FONT_PACKAGE = "fonts-noto-core"

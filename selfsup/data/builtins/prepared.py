@@ -1,6 +1,8 @@
-"""What the prepared built-in datasets (glyphs, emoji, man pages) share: their cache stamps, the
-versions of the Debian packages they are built from (which decide whether a cache is stale), the
-atomic swap of a finished build into place, and the progress bar of a long preparation."""
+"""What the prepared built-in datasets (glyphs, emoji, man pages) share: their cache stamps and the
+test of whether a previous build is still fresh (`previous_stamp`, `is_fresh`), the versions of the
+Debian packages they are built from (which decide whether a cache is stale), the build into a
+temporary folder and its atomic swap into place (`build_into_place`), the progress bar of a long
+preparation, and the loading of a prepared image dataset (`load_prepared`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+import tempfile
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,49 @@ def read_stamp(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return stamp if isinstance(stamp, dict) else None
+
+
+def previous_stamp(out: Path, stamp_name: str, what: str) -> dict | None:
+    """The stamp of a previous build in `out`, None when there is none (`out` missing, or an empty folder).
+
+    Anything else in `out` without a stamp is not ours: an error naming it `what` ("a glyphs dataset")."""
+    if not out.exists():
+        return None
+    stamp = read_stamp(out / stamp_name)
+    if stamp is None and (not out.is_dir() or any(out.iterdir())):
+        raise SelfsupError(f"{out}: exists and is not {what} (no {stamp_name}); choose another "
+                           f"--out or remove it yourself")
+    return stamp
+
+
+def is_fresh(stamp: dict | None, settings: dict, inputs: dict, force: bool, complete: Callable[[dict], bool]) -> bool:
+    """Whether a previous build (its stamp) can be reused: not forced, made with the same settings
+    from the same inputs, and `complete(stamp)` (its files are all there)."""
+    return (stamp is not None and not force and stamp.get("settings") == settings
+            and stamp.get("inputs") == inputs and complete(stamp))
+
+
+def build_into_place(out: Path, stamp_name: str, write: Callable[[Path], object], started: float,
+                     stamp_of: Callable[[float], dict], *, ensure_ascii: bool = True) -> float:
+    """Build a dataset folder under a temporary name beside `out` and rename it into place, so a
+    reader never sees half a dataset and an interrupted run leaves the previous one intact.
+
+    `write(folder)` writes the dataset; `stamp_of(seconds)` is then its stamp (`seconds` since
+    `started`), written last as `stamp_name`. A failure removes the half-built folder. Returns the seconds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        chmod_like_mkdir(building)
+        write(building)
+        seconds = time.perf_counter() - started
+        stamp = stamp_of(seconds)
+        (building / stamp_name).write_text(json.dumps(stamp, indent=1, ensure_ascii=ensure_ascii) + "\n",
+                                           encoding="utf-8")
+        swap_into_place(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return seconds
 
 
 def debian_package_versions(packages: Iterable[str]) -> dict[str, str | None]:
@@ -122,7 +169,7 @@ def load_prepared(folder: Path, manifest: str, pixels: str, group_columns: list[
     exactly as `load_image_source` makes them of the manifest; the pixels from the `pixels` .npz when
     it matches the manifest row for row, else decoded from the PNGs (a manifest edited by hand).
     `not_prepared` says what to run when the manifest is missing."""
-    # sources imports images, which imports builtin, which imports the dataset modules only lazily
+    # sources imports images, which imports builtins, which imports the dataset modules only lazily
     from selfsup.data.decode import _BadFilePolicy
     from selfsup.data.images import ImageSet, images_from_array
     from selfsup.data.sources import _cell, _load_manifest, _read_manifest_rows, _sorted_classes

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.data import builtin
-from selfsup.data.builtin import BUILTIN, builtin_available, load_builtin
+from selfsup.data.builtins import digits
+from selfsup.data.builtins import BUILTIN, builtin_available, load_builtin
 from selfsup.data.images import load_image_source
 from selfsup.errors import SelfsupError
 
@@ -72,7 +72,7 @@ def test_mnist_shape_and_balance(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_mnist
 def test_mnist_matches_a_naive_read_of_the_csv() -> None:
     data = load_builtin("mnist", image_size=28, channels=1)
-    with gzip.open(builtin._mnist_file(), "rt") as fh:
+    with gzip.open(digits._mnist_file(), "rt") as fh:
         rows = [next(csv.reader(fh)) for _ in range(20)]
     for i, row in enumerate(rows):
         assert len(row) == 785
@@ -90,7 +90,7 @@ def test_mnist_cache_round_trip(private_cache: Path, monkeypatch: pytest.MonkeyP
         raise AssertionError("the cache should have been used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(builtin, "_parse_mnist_csv", no_parse)
+        patch.setattr(digits, "_parse_mnist_csv", no_parse)
         assert torch.equal(load_builtin("mnist", image_size=28, channels=1).images, first.images)
 
     cache_files[0].write_bytes(b"PK\x03\x04 half a zip")  # a corrupt cache is rebuilt, not fatal

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from selfsup import cli
-from selfsup.data import builtin, glyph_sources
-from selfsup.data.builtin import BUILTIN, builtin_available
-from selfsup.data.glyph_sources import GlyphRenderer, parse_scripts
-from selfsup.data.glyphs import MANIFEST, MANIFEST_COLUMNS, PIXELS, STAMP, prepare_glyphs
+from selfsup.data import builtins
+from selfsup.data.builtins import glyph_sources
+from selfsup.data.builtins import BUILTIN, builtin_available
+from selfsup.data.builtins.glyph_sources import GlyphRenderer, parse_scripts
+from selfsup.data.builtins.glyphs import MANIFEST, MANIFEST_COLUMNS, PIXELS, STAMP, prepare_glyphs
 from selfsup.data.images import load_image_source
 from selfsup.errors import SelfsupError
 
@@ -84,7 +85,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 def test_glyphs_is_registered_and_preparable() -> None:
     assert "glyphs" in BUILTIN and "prepare glyphs" in BUILTIN["glyphs"]
-    assert cli.PREPARABLE == builtin.PREPARABLE == ("glyphs", "emoji", "manpages")  # the CLI keeps its own copy to parse fast
+    assert cli.PREPARABLE == builtins.PREPARABLE == ("glyphs", "emoji", "manpages")  # the CLI keeps its own copy to parse fast
 
 
 def test_bad_settings_are_refused(font_dir: Path, tmp_path: Path) -> None:

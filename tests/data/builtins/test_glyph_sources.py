@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.data.glyph_sources import font_family, parse_scripts
+from selfsup.data.builtins.glyph_sources import font_family, parse_scripts
 from selfsup.errors import SelfsupError
 
 

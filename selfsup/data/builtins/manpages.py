@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from selfsup.data.builtin import cache_dir
+from selfsup.data.builtins import cache_dir
 from selfsup.data.text import TextSet, iter_text_source, texts_from_records
-from selfsup.data.prepared import debian_package_versions, read_stamp
+from selfsup.data.builtins.prepared import debian_package_versions, is_fresh, read_stamp
 from selfsup.errors import SelfsupError
 from selfsup.files import follow_umask
 
@@ -225,8 +225,8 @@ def prepare_manpages(out: Path | None = None, force: bool = False, progress: boo
     inputs = {"render_version": RENDER_VERSION, "packages": debian_package_versions(PACKAGES + RENDERER_PACKAGES)}
     stamp = _read_stamp(out)
     corpus = out / CORPUS
-    if (stamp is not None and not force and stamp.get("settings") == settings and stamp.get("inputs") == inputs
-            and corpus.is_file() and corpus.stat().st_size == stamp.get("num_bytes")):
+    if is_fresh(stamp, settings, inputs, force,
+                lambda stamp: corpus.is_file() and corpus.stat().st_size == stamp.get("num_bytes")):
         return ManpagesSummary(out=out, num_pages=stamp["num_pages"], section_counts=stamp["sections"],
                                num_bytes=stamp["num_bytes"], num_words=stamp["num_words"], seconds=0.0,
                                reused=True, num_aliases=stamp.get("num_aliases", 0))

@@ -19,9 +19,10 @@ import torch
 from PIL import Image, features
 
 from selfsup import cli
-from selfsup.data import builtin, emoji
-from selfsup.data.builtin import BUILTIN, builtin_available, load_builtin
-from selfsup.data.emoji import (MANIFEST, MANIFEST_COLUMNS, PIXELS, EmojiRenderer, parse_emoji_test,
+from selfsup.data import builtins
+from selfsup.data.builtins import emoji
+from selfsup.data.builtins import BUILTIN, builtin_available, load_builtin
+from selfsup.data.builtins.emoji import (MANIFEST, MANIFEST_COLUMNS, PIXELS, EmojiRenderer, parse_emoji_test,
                                 prepare_emoji, skin_tone_of)
 from selfsup.data.images import load_image_source
 from selfsup.errors import SelfsupError
@@ -140,7 +141,7 @@ def _manifest(out: Path) -> list[dict[str, str]]:
 
 def test_emoji_is_registered_and_preparable() -> None:
     assert "emoji" in BUILTIN and "prepare emoji" in BUILTIN["emoji"]
-    assert "emoji" in builtin.PREPARABLE and cli.PREPARABLE == builtin.PREPARABLE
+    assert "emoji" in builtins.PREPARABLE and cli.PREPARABLE == builtins.PREPARABLE
 
 
 def test_parse_groups_subgroups_status_and_skin_tones(excerpt: Path) -> None:

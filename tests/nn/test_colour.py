@@ -7,7 +7,7 @@ import colorsys
 
 import torch
 
-from selfsup.data import colour
+from selfsup.nn import colour
 
 
 def rand_float(B: int = 5, C: int = 3, H: int = 12, W: int = 12, seed: int = 2) -> torch.Tensor:

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
-import shutil
-import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -40,11 +37,11 @@ import numpy as np
 import PIL
 from PIL import Image, features
 
-from selfsup.data.builtin import cache_dir
-from selfsup.data.glyph_sources import (FONT_PACKAGE, INSTALL_COMMAND, RENDERER_VERSION, GlyphRenderer, ScriptTable,
+from selfsup.data.builtins import cache_dir
+from selfsup.data.builtins.glyph_sources import (FONT_PACKAGE, INSTALL_COMMAND, RENDERER_VERSION, GlyphRenderer, ScriptTable,
                                         find_fonts, find_scripts_file, package_versions, parse_scripts)
 from selfsup.data.images import ImageSet
-from selfsup.data.prepared import load_prepared, ProgressBar, chmod_like_mkdir, read_stamp, swap_into_place
+from selfsup.data.builtins.prepared import ProgressBar, build_into_place, is_fresh, load_prepared, previous_stamp, read_stamp
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -151,16 +148,11 @@ def prepare_glyphs(out: Path | None = None, size: int = 32, min_per_script: int 
     settings = {"size": size, "min_per_script": min_per_script, "max_per_script": max_per_script}
     inputs = _inputs(fonts, scripts_path)
 
-    if out.exists():
-        stamp = _read_stamp(out)
-        if stamp is None and (not out.is_dir() or any(out.iterdir())):
-            raise SelfsupError(f"{out}: exists and is not a glyphs dataset (no {STAMP}); choose another "
-                               f"--out or remove it yourself")
-        if (stamp is not None and not force and stamp.get("settings") == settings
-                and stamp.get("inputs") == inputs and (out / MANIFEST).is_file()):
-            return GlyphsSummary(out=out, num_images=stamp["num_images"], script_counts=stamp["scripts"],
-                                 family_counts=stamp["families"], seconds=0.0, reused=True,
-                                 num_fonts=len(fonts))
+    stamp = previous_stamp(out, STAMP, "a glyphs dataset")
+    if is_fresh(stamp, settings, inputs, force, lambda stamp: (out / MANIFEST).is_file()):
+        return GlyphsSummary(out=out, num_images=stamp["num_images"], script_counts=stamp["scripts"],
+                             family_counts=stamp["families"], seconds=0.0, reused=True,
+                             num_fonts=len(fonts))
 
     table = parse_scripts(scripts_path)
     started = time.perf_counter()
@@ -173,19 +165,10 @@ def prepare_glyphs(out: Path | None = None, size: int = 32, min_per_script: int 
         raise SelfsupError(f"no script has >= {min_per_script} glyphs in the {len(fonts)} fonts found "
                            f"(the largest, {largest[0]}, has {largest[1]}); lower --min-per-script")
     family_counts = dict(sorted(Counter(rows[i][2] for i in keep).items()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        chmod_like_mkdir(building)
-        _write(building, [(images[i], rows[i]) for i in keep], progress)
-        seconds = time.perf_counter() - started
-        stamp = {"settings": settings, "inputs": inputs, "num_images": len(keep),
-                 "scripts": kept_counts, "families": family_counts, "seconds": round(seconds, 2)}
-        (building / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        swap_into_place(building, out)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    seconds = build_into_place(
+        out, STAMP, lambda folder: _write(folder, [(images[i], rows[i]) for i in keep], progress), started,
+        lambda seconds: {"settings": settings, "inputs": inputs, "num_images": len(keep),
+                         "scripts": kept_counts, "families": family_counts, "seconds": round(seconds, 2)})
     return GlyphsSummary(out=out, num_images=len(keep), script_counts=kept_counts, family_counts=family_counts,
                          seconds=seconds, render_seconds=render_seconds, num_fonts=len(fonts),
                          num_rendered=len(jobs), num_blank=num_blank, dropped_scripts=dropped)

@@ -36,11 +36,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,11 +47,12 @@ import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 
-from selfsup.data.builtin import cache_dir
-from selfsup.data.glyph_sources import _dpkg_files
+from selfsup.data.builtins import cache_dir
+from selfsup.data.builtins.glyph_sources import _dpkg_files
 # The glyphs built-in's progress bar and atomic folder swap, shared rather than copied.
 from selfsup.data.images import ImageSet
-from selfsup.data.prepared import load_prepared, ProgressBar, chmod_like_mkdir, debian_package_versions, read_stamp, swap_into_place
+from selfsup.data.builtins.prepared import (ProgressBar, build_into_place, debian_package_versions, is_fresh,
+                                            load_prepared, previous_stamp, read_stamp)
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
@@ -330,17 +328,12 @@ def prepare_emoji(out: Path | None = None, size: int = 32, force: bool = False, 
     settings = {"size": size, "max_items": max_items}
     inputs = _inputs(font, emoji_test)
 
-    if out.exists():
-        stamp = read_stamp(out / STAMP)
-        if stamp is None and (not out.is_dir() or any(out.iterdir())):
-            raise SelfsupError(f"{out}: exists and is not an emoji dataset (no {STAMP}); choose another "
-                               f"--out or remove it yourself")
-        if (stamp is not None and not force and stamp.get("settings") == settings
-                and stamp.get("inputs") == inputs and (out / MANIFEST).is_file()):
-            return EmojiSummary(out=out, num_images=stamp["num_images"], group_counts=stamp["groups"],
-                                skin_tone_counts=stamp["skin_tones"], num_subgroups=stamp["num_subgroups"],
-                                seconds=0.0, reused=True, num_listed=stamp.get("num_listed", 0),
-                                skipped=stamp.get("skipped", {}))
+    stamp = previous_stamp(out, STAMP, "an emoji dataset")
+    if is_fresh(stamp, settings, inputs, force, lambda stamp: (out / MANIFEST).is_file()):
+        return EmojiSummary(out=out, num_images=stamp["num_images"], group_counts=stamp["groups"],
+                            skin_tone_counts=stamp["skin_tones"], num_subgroups=stamp["num_subgroups"],
+                            seconds=0.0, reused=True, num_listed=stamp.get("num_listed", 0),
+                            skipped=stamp.get("skipped", {}))
 
     entries = [entry for entry in parse_emoji_test(emoji_test) if entry.status == "fully-qualified"]
     if not entries:
@@ -363,20 +356,12 @@ def prepare_emoji(out: Path | None = None, size: int = 32, force: bool = False, 
     skin_tone_counts = {tone: tones[tone] for tone in SKIN_TONE_ORDER if tones[tone]}
     num_subgroups = len({(entry.group, entry.subgroup) for entry in kept})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        chmod_like_mkdir(building)
-        _write(building, images, kept, progress)
-        seconds = time.perf_counter() - started
-        stamp = {"settings": settings, "inputs": inputs, "num_images": len(kept), "groups": group_counts,
-                 "skin_tones": skin_tone_counts, "num_subgroups": num_subgroups, "num_listed": len(entries),
-                 "skipped": skipped, "seconds": round(seconds, 2)}
-        (building / STAMP).write_text(json.dumps(stamp, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        swap_into_place(building, out)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    seconds = build_into_place(
+        out, STAMP, lambda folder: _write(folder, images, kept, progress), started,
+        lambda seconds: {"settings": settings, "inputs": inputs, "num_images": len(kept), "groups": group_counts,
+                         "skin_tones": skin_tone_counts, "num_subgroups": num_subgroups,
+                         "num_listed": len(entries), "skipped": skipped, "seconds": round(seconds, 2)},
+        ensure_ascii=False)
     return EmojiSummary(out=out, num_images=len(kept), group_counts=group_counts, skin_tone_counts=skin_tone_counts,
                         num_subgroups=num_subgroups, seconds=seconds, render_seconds=render_seconds,
                         num_listed=len(entries), skipped=skipped)

@@ -1,9 +1,11 @@
 """Per-pixel colour operations on float images in [0, 1], batched with one factor per sample.
 
 These are the colour-jitter, greyscale and solarize steps of the SimCLR/BYOL view pipeline
-(`views.ImageViews`), following torchvision's per-image definitions. They select with float 0/1
-masks rather than bool masks, which are slow on the CPU (see `_indicator`); the view pipeline uses
-the same `_per_sample` and `_choose` helpers to apply an operation to some samples only.
+(`selfsup.data.views.ImageViews`), following torchvision's per-image definitions, and the CIE Lab
+conversions that colourisation (`methods/colorize.py`) and frozen-feature preparation
+(`modalities/image.py`) share. The jitter steps select with float 0/1 masks rather than bool masks,
+which are slow on the CPU (see `_indicator`); the view pipeline uses the same `_per_sample` and
+`_choose` helpers to apply an operation to some samples only.
 """
 
 from __future__ import annotations

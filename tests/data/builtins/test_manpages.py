@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from selfsup import cli
-from selfsup.data import builtin
-from selfsup.data.builtin import BUILTIN, builtin_available
-from selfsup.data.manpages import (CORPUS, PACKAGES, PREPARE_COMMAND, SECTIONS, STAMP, _is_alias, find_pages,
+from selfsup.data import builtins
+from selfsup.data.builtins import BUILTIN, builtin_available
+from selfsup.data.builtins.manpages import (CORPUS, PACKAGES, PREPARE_COMMAND, SECTIONS, STAMP, _is_alias, find_pages,
                                    load_manpages, manpages_dir, prepare_manpages)
 from selfsup.data.text import load_text_source
 from selfsup.errors import SelfsupError
@@ -43,9 +43,9 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_registered_as_a_preparable_builtin() -> None:
     assert "manpages" in BUILTIN and "prepare manpages" in BUILTIN["manpages"]
-    assert "manpages" in builtin.PREPARABLE and cli.PREPARABLE == builtin.PREPARABLE
+    assert "manpages" in builtins.PREPARABLE and cli.PREPARABLE == builtins.PREPARABLE
     with pytest.raises(SelfsupError, match="text corpus"):
-        builtin.load_builtin("manpages", image_size=32)
+        builtins.load_builtin("manpages", image_size=32)
 
 
 def test_not_prepared_says_what_to_run(private_cache: Path) -> None:

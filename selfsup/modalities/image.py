@@ -1,0 +1,209 @@
+"""Images: decoded once into memory at one resolution (uint8 [N, C, S, S]); views made on the device.
+
+- data: a built-in name, a folder (class sub-folders become labels), a CSV/JSONL manifest or an
+  .npz (`data/images.py` and `data/sources.py` decode them, naming any bad file);
+- pretraining: batched views on the training device (`data/views.py`), the kNN monitor on the
+  held-out split, the training images for data-fitted targets, and previews of reconstruction
+  objectives (`previews.png`) after the last step;
+- reading: images resized and normalised as `preprocess` says (grey first for encoders trained on
+  lightness alone); features are `encoder.embed` of a whole image; positive pairs are two random
+  crops of each image; a report shows a thumbnail grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from selfsup.config import RunConfig, from_dict
+from selfsup.data.images import ImageSet, load_image_source
+from selfsup.data.pipeline import ImageBatches, channel_stats
+from selfsup.data.views import ImageViews, ViewsConfig, crop_flip_resize, normalise, sample_crop_boxes
+from selfsup.encoders import IMAGE_INPUTS
+from selfsup.modalities.base import Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs
+from selfsup.nn.colour import lightness_as_grey, rgb_to_lab
+from selfsup.train.runtime import Runtime
+
+PREVIEWS_FILE = "previews.png"  # reconstructions of held-out images, for the run's report
+_NUM_PREVIEWS = 8
+_SCALE = 3  # 32 px images are too small to judge at 1:1
+_LABEL_WIDTH = 110
+
+
+def prepare_images(images: Tensor, preprocess: dict[str, Any]) -> Tensor:
+    """uint8 images [B, C, H, W] -> the encoder's input, as `encoder.json`'s preprocess says: resized,
+    normalised, and for encoders trained on lightness alone (colourisation) made grey first."""
+    if preprocess.get("input_transform") == "grey":
+        images = (lightness_as_grey(rgb_to_lab(images.float() / 255)) * 255).round().to(torch.uint8)
+    return normalise(images, preprocess["mean"], preprocess["std"], preprocess["image_size"])
+
+
+def raw_pixels(images: Tensor) -> Tensor:
+    """The raw-pixel baseline: flattened images scaled to [0, 1], [N, C*H*W]."""
+    return images.flatten(1).float() / 255
+
+
+class ImageTaskInputs(TaskInputs):
+    batch_size = 256
+
+    def __init__(self, data: ImageSet, rows: Tensor, preprocess: dict[str, Any]):
+        self.rows, self.preprocess = rows, preprocess
+        self.images = data.images[rows]
+        self.labels = None if data.labels is None else data.labels[rows]
+
+    def batch(self, index: Tensor, device: torch.device) -> EncoderBatch:
+        return EncoderBatch((prepare_images(self.images[index].to(device), self.preprocess),), len(index))
+
+
+class ImageReader(Reader):
+    modality = "image"
+
+    def task_inputs(self, data: ImageSet, rows: Tensor, chunks: int = 1) -> ImageTaskInputs:
+        return ImageTaskInputs(data, rows, self.preprocess)
+
+    @torch.no_grad()
+    def positive_pairs(self, encoder: nn.Module, data: ImageSet, inputs: TaskInputs, rows: Tensor, runtime: Runtime,
+                       generator: torch.Generator) -> Pairs:
+        views: list[list[Tensor]] = [[], []]
+        for start in range(0, len(rows), 256):
+            images = data.images[rows[start : start + 256]]  # uint8 [B, C, H, W]
+            B, C, H, W = images.shape
+            for v in range(2):
+                boxes = sample_crop_boxes(B, H, W, (0.5, 1.0), (3 / 4, 4 / 3), generator)
+                crops = crop_flip_resize(images.float(), boxes, torch.zeros(B), H).round().clamp(0, 255).to(torch.uint8)
+                with runtime.autocast():
+                    views[v].append(encoder.embed(prepare_images(crops.to(runtime.device), self.preprocess)).float().cpu())
+        if not views[0]:
+            return Pairs(None, None, "no images")
+        return Pairs(torch.cat(views[0]), torch.cat(views[1]), "two random crops (scale 0.5-1) of each image")
+
+    def examples(self, data: ImageSet, rows: Tensor) -> dict[str, Any]:
+        return {"thumbnail": grid_image([("nearest centre", data.images[rows].float() / 255)])}
+
+
+class ImageModality(Modality):
+    name = "image"
+    batch_kind = "views"
+    default_source = "mnist"
+    unit = "images"
+
+    def load(self, cfg: RunConfig, progress: bool = True) -> ImageSet:
+        d = cfg.data
+        return load_image_source(d.source, d.image_size, d.channels, on_bad=d.on_bad_file,
+                                 max_bad_fraction=d.max_bad_fraction, label_column=d.label_column,
+                                 group_columns=d.group_columns, progress=progress)
+
+    def join(self, first: ImageSet, second: ImageSet) -> ImageSet:
+        groups = {g: list(first.groups[g]) + list(second.groups.get(g, [""] * len(second))) for g in first.groups}
+        labels = None if first.labels is None else torch.cat([first.labels, second.labels])
+        return ImageSet(images=torch.cat([first.images, second.images]), ids=first.ids + second.ids, labels=labels,
+                        classes=first.classes, groups=groups, source=first.source)
+
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: ImageSet, holdout: ImageSet, spec: Any,
+                 progress: bool = True) -> Assembly:
+        mean, std = channel_stats(train.images)
+        preprocess = {"modality": self.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                      "mean": mean, "std": std}
+        if spec.input_transform is not None:
+            preprocess["input_transform"] = spec.input_transform
+        views = ImageViews(from_dict(ViewsConfig, cfg.views, prefix="views."), cfg.data.image_size, mean, std)
+        fit_data = FitData(train.images, lambda x: normalise(x, mean, std, cfg.data.image_size), runtime.device)
+
+        def after_training(method: nn.Module, rt: Runtime, folder: Path) -> None:
+            if len(holdout):
+                save_previews(method, holdout, preprocess, rt, folder / PREVIEWS_FILE, cfg.seed)
+
+        return Assembly(
+            ImageBatches(train, views, runtime.device),
+            {self.name: {"in_channels": cfg.data.channels, "image_size": cfg.data.image_size}},
+            {self.name: preprocess}, dict(cfg.method),
+            lambda rt: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k, cfg.seed),
+            fit_data=fit_data, after_training=after_training,
+        )
+
+    def reader(self, preprocess: dict[str, Any], folder: Path | None) -> ImageReader:
+        return ImageReader(preprocess)
+
+    def contract_inputs(self) -> dict[str, int]:
+        return dict(zip(IMAGE_INPUTS, (3, 16)))
+
+    def contract_batch(self, batch_size: int = 6) -> dict[str, Any]:
+        B, C, S = batch_size, 3, 16
+        gen = torch.Generator().manual_seed(0)
+        return {"views": [torch.randn(B, C, S, S, generator=gen) for _ in range(2)], "id": [str(i) for i in range(B)],
+                "generator": torch.Generator().manual_seed(1), "pixel_mean": torch.full((C,), 0.5),
+                "pixel_std": torch.full((C,), 0.25)}
+
+    def contract_fit_data(self) -> FitData:
+        images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        return FitData(images, lambda x: (x.float() / 255 - 0.5) / 0.25, torch.device("cpu"))
+
+
+def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], runtime: Runtime,
+                max_bank: int, k: int, seed: int):
+    """kNN accuracy of the current encoder on the held-out split (None when the data have no labels)."""
+    from selfsup.adapt.probes import knn_accuracy  # pure maths on feature tensors
+
+    if train.labels is None or holdout.labels is None or len(holdout) == 0:
+        return None
+    labelled = torch.nonzero(train.labels >= 0).flatten()
+    gen = torch.Generator().manual_seed(seed)
+    bank = labelled[torch.randperm(len(labelled), generator=gen)[:max_bank]]
+    queries = torch.nonzero(holdout.labels >= 0).flatten()
+    if len(bank) == 0 or len(queries) == 0:
+        return None
+    reader = ImageReader(preprocess)
+
+    def monitor(method: nn.Module) -> dict[str, float]:
+        fx = reader.features(method.encoder, train, bank, runtime)
+        fq = reader.features(method.encoder, holdout, queries, runtime)
+        return {"knn_acc": knn_accuracy(fx, train.labels[bank], fq, holdout.labels[queries], k=k)}
+
+    return monitor
+
+
+def save_previews(method: nn.Module, holdout: ImageSet, preprocess: dict[str, Any], runtime: Runtime, path: Path,
+                  seed: int) -> bool:
+    """Writes `path` when the method has a `preview(rgb, mean, std, generator) -> [(title, images in
+    [0, 1]), ...]` hook (reconstruction objectives); returns whether it did. The method's rows go
+    above the original images."""
+    preview = getattr(method, "preview", None)
+    if preview is None:
+        return False
+    images = holdout.images[:_NUM_PREVIEWS].to(runtime.device)
+    size = preprocess["image_size"]
+    rgb = torch.nn.functional.interpolate(images.float() / 255, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False) if images.shape[-1] != size else images.float() / 255
+    mean = torch.tensor(preprocess["mean"], device=runtime.device)
+    std = torch.tensor(preprocess["std"], device=runtime.device)
+    was_training = method.training
+    method.eval()
+    try:
+        rows = preview(rgb, mean, std, torch.Generator(device=runtime.device).manual_seed(seed))
+    finally:
+        method.train(was_training)
+    grid_image([*rows, ("original", rgb)]).save(path)
+    return True
+
+
+def grid_image(rows: list[tuple[str, Tensor]]) -> Image.Image:
+    """A labelled grid: one row per (title, images [B, C, H, W] in [0, 1])."""
+    B, C, H, W = rows[0][1].shape
+    cell_h, cell_w = H * _SCALE, W * _SCALE
+    canvas = Image.new("RGB", (_LABEL_WIDTH + B * (cell_w + 2), len(rows) * (cell_h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, images) in enumerate(rows):
+        top = r * (cell_h + 2)
+        draw.text((4, top + cell_h // 2 - 6), title, fill="black")
+        pixels = (images.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        for i in range(B):
+            tile = Image.fromarray(np.ascontiguousarray(pixels[i].permute(1, 2, 0).numpy()))
+            canvas.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (_LABEL_WIDTH + i * (cell_w + 2), top))
+    return canvas

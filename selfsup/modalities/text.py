@@ -1,0 +1,254 @@
+"""Text: documents held in memory, tokenized by the run's tokenizer and packed into blocks.
+
+- data: `manpages` (built-in), a folder of .txt files, a .txt file (a document per line), or a
+  .jsonl/.csv with a text field (`data/text.py` reads them, naming file and line of bad UTF-8);
+- pretraining: the run's tokenizer (kept on resume, copied from `tokenizer.path`, else trained on
+  the training split) saved as `tokenizer.json`; the training split packed into full blocks of
+  `data.seq_len` tokens; the held-out monitor scores the method's own objective on held-out blocks;
+- reading: a document is cut into chunks of the encoder's `seq_len` tokens, each wrapped with the
+  tokenizer's bounds as in training, and its feature is the mean of its first `chunks` chunk
+  embeddings (man pages run to thousands of tokens; the first block alone sees only the header);
+  positive pairs are a document's first two blocks; a report shows a document's opening words.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.config import RunConfig
+from selfsup.data.packing import PackedBlocks, pack_documents
+from selfsup.data.pipeline import TextBatches
+from selfsup.data.text import TextSet, load_text_source
+from selfsup.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from selfsup.encoders import TEXT_INPUTS
+from selfsup.errors import SelfsupError
+from selfsup.modalities.base import Assembly, EncoderBatch, Modality, Pairs, Reader, TaskInputs
+from selfsup.train.runtime import Runtime
+
+log = logging.getLogger("selfsup")
+
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the weights were trained with, beside them
+_VOCAB, _SEQ = 50, 12  # contract-test sizes
+
+
+def document_chunks(tokenizer: TextTokenizer, texts: list[str], seq_len: int,
+                    max_chunks: int) -> tuple[list[list[int]], list[int]]:
+    """(chunks, owner): each document's first `max_chunks` chunks of at most `seq_len` token ids,
+    wrapped with the tokenizer's bounds as in training (an empty document gives one chunk of bounds),
+    and the index of the document each chunk belongs to; a document's chunks are consecutive."""
+    if max_chunks < 1:
+        raise SelfsupError(f"max_chunks must be at least 1, got {max_chunks}")
+    bos, eos = tokenizer.packing_bounds
+    head, tail = [] if bos is None else [bos], [] if eos is None else [eos]
+    body = seq_len - len(head) - len(tail)
+    if body < 1:
+        raise SelfsupError(f"seq_len={seq_len} leaves no room for text between the tokenizer's bounds")
+    chunks: list[list[int]] = []
+    owner: list[int] = []
+    for index, ids in enumerate(tokenizer.encode_batch(texts)):
+        for start in range(0, max(len(ids), 1), body)[:max_chunks]:
+            chunks.append(head + ids[start : start + body] + tail)
+            owner.append(index)
+    return chunks, owner
+
+
+def pad_chunks(chunks: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids [K, L], real-token mask [K, L]) of right-padded chunks, L the longest chunk."""
+    L = max(len(c) for c in chunks)
+    ids = torch.full((len(chunks), L), pad_id, dtype=torch.long)
+    real = torch.zeros(len(chunks), L, dtype=torch.bool)
+    for row, chunk in enumerate(chunks):
+        ids[row, : len(chunk)] = torch.tensor(chunk)
+        real[row, : len(chunk)] = True
+    return ids, real
+
+
+class TextTaskInputs(TaskInputs):
+    """Documents as token blocks: `batch` gives the blocks of the batch's documents and their owners."""
+
+    batch_size = 64  # documents per inference batch: each is up to `chunks` blocks
+
+    def __init__(self, data: TextSet, rows: Tensor, tokenizer: TextTokenizer, seq_len: int, chunks: int):
+        if len(rows) == 0:
+            raise SelfsupError(f"{data.source}: no documents to read (the dataset or split is empty)")
+        self.rows, self.chunks = rows, chunks
+        pieces, owner = document_chunks(tokenizer, [data.texts[i] for i in rows.tolist()], seq_len, chunks)
+        self.input_ids, self.mask = pad_chunks(pieces, tokenizer.pad_id)  # [K, L] over all documents
+        counts = torch.bincount(torch.tensor(owner), minlength=len(rows))
+        self.first_chunk = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [N + 1]
+        self.labels = None if data.labels is None else data.labels[rows]
+
+    def batch(self, index: Tensor, device: torch.device) -> EncoderBatch:
+        starts, ends = self.first_chunk[index], self.first_chunk[index + 1]
+        blocks = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
+        owner = torch.repeat_interleave(torch.arange(len(index)), ends - starts)
+        mask = self.mask[blocks]
+        width = int(mask.sum(dim=1).max())  # trim the batch's common padding
+        return EncoderBatch((self.input_ids[blocks, :width].to(device), mask[:, :width].to(device)), len(index),
+                            owner.to(device))
+
+
+class TextReader(Reader):
+    modality = "text"
+
+    def __init__(self, preprocess: dict[str, Any], tokenizer: TextTokenizer):
+        super().__init__(preprocess)
+        self.tokenizer = tokenizer
+
+    def task_inputs(self, data: TextSet, rows: Tensor, chunks: int = 1) -> TextTaskInputs:
+        return TextTaskInputs(data, rows, self.tokenizer, int(self.preprocess["seq_len"]), chunks)
+
+    @torch.no_grad()
+    def positive_pairs(self, encoder: nn.Module, data: TextSet, inputs: TaskInputs, rows: Tensor, runtime: Runtime,
+                       generator: torch.Generator) -> Pairs:
+        first_chunk = inputs.first_chunk  # documents' block ranges in the task inputs
+        two = [int(i) for i in rows if int(first_chunk[i + 1] - first_chunk[i]) >= 2]
+        if len(two) < 2:
+            hint = (" (this task reads one block per document; adapt with --text-chunks 2 or more)"
+                    if inputs.chunks < 2 else "")
+            return Pairs(None, None, "no alignment: no document spans two blocks" + hint)
+        views: list[list[Tensor]] = [[], []]
+        for start in range(0, len(two), 64):
+            first = torch.tensor([int(first_chunk[i]) for i in two[start : start + 64]])
+            for v in range(2):
+                mask = inputs.mask[first + v]
+                width = int(mask.sum(dim=1).max())
+                with runtime.autocast():
+                    views[v].append(encoder.embed(inputs.input_ids[first + v, :width].to(runtime.device),
+                                                  mask[:, :width].to(runtime.device)).float().cpu())
+        return Pairs(torch.cat(views[0]), torch.cat(views[1]),
+                     "the first two blocks of each document of two or more blocks")
+
+    def examples(self, data: TextSet, rows: Tensor) -> dict[str, Any]:
+        return {"snippets": [" ".join(data.texts[int(i)].split())[:120] for i in rows[:3]]}
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        self.tokenizer.save(folder / TOKENIZER_FILE)
+        return {**self.preprocess, "tokenizer": TOKENIZER_FILE}
+
+
+class TextModality(Modality):
+    name = "text"
+    batch_kind = "tokens"
+    default_source = "manpages"
+    unit = "documents"
+
+    def load(self, cfg: RunConfig, progress: bool = True) -> TextSet:
+        d = cfg.data
+        return load_text_source(d.source, text_field=d.text_field, label_column=d.label_column,
+                                group_columns=d.group_columns, unit=d.text_unit, errors=d.text_errors,
+                                max_line_chars=d.max_line_chars)
+
+    def join(self, first: TextSet, second: TextSet) -> TextSet:
+        groups = {g: list(first.groups[g]) + list(second.groups.get(g, [""] * len(second))) for g in first.groups}
+        labels = None if first.labels is None else torch.cat([first.labels, second.labels])
+        return TextSet(first.texts + second.texts, first.ids + second.ids, labels, first.classes, groups, first.source)
+
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: TextSet, holdout: TextSet, spec: Any,
+                 progress: bool = True) -> Assembly:
+        d = cfg.data
+        tokenizer = run_tokenizer(cfg, out, train, runtime, spec.tokenizer)
+        # Training blocks are all full (the tail is dropped, so no step pays for padding); held-out
+        # blocks keep the tail, padded.
+        train_blocks = pack_split(train, tokenizer, d.seq_len, drop_last=True)
+        if train_blocks.num_blocks == 0:
+            raise SelfsupError(f"{train.source}: the training split holds fewer than data.seq_len={d.seq_len} tokens; "
+                               "add documents or lower data.seq_len")
+        holdout_blocks = pack_split(holdout, tokenizer, d.seq_len, drop_last=False)
+        log.info("text: %d training blocks of %d tokens (%d documents), %d held-out blocks; vocabulary %d",
+                 train_blocks.num_blocks, d.seq_len, len(train), holdout_blocks.num_blocks, tokenizer.vocab_size)
+        section = dict(cfg.method)
+        filled = {"mask_id": tokenizer.mask_id, "special_ids": sorted(tokenizer.special_ids)}
+        for key in spec.tokenizer_fields:
+            section.setdefault(key, filled[key])
+        preprocess = {"modality": self.name, "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
+                      "seq_len": d.seq_len}
+        batches = TextBatches(train_blocks, train.ids, runtime.device, d.document_masks)
+        heldout = TextBatches(holdout_blocks, holdout.ids, runtime.device, d.document_masks)
+        micro_batch = max(1, cfg.train.batch_size // (cfg.train.accum_steps * runtime.world_size))
+        return Assembly(
+            batches, {self.name: {"vocab_size": tokenizer.vocab_size, "max_len": d.seq_len}}, {self.name: preprocess},
+            section, lambda rt: heldout_monitor(heldout, rt, cfg.train.eval_max_blocks, micro_batch, cfg.seed),
+            tower_files={self.name: {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},
+        )
+
+    def reader(self, preprocess: dict[str, Any], folder: Path | None) -> TextReader:
+        if folder is None or "tokenizer" not in preprocess:
+            raise SelfsupError("a text encoder's description names its tokenizer file (preprocess.tokenizer), "
+                               "and it is read from the encoder's folder")
+        return TextReader(preprocess, TextTokenizer.load(Path(folder) / preprocess["tokenizer"]))
+
+    def contract_inputs(self) -> dict[str, int]:
+        return dict(zip(TEXT_INPUTS, (_VOCAB, _SEQ)))
+
+    def contract_batch(self, batch_size: int = 6) -> dict[str, Any]:
+        B, L = batch_size, _SEQ
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, _VOCAB, (B, L), generator=gen)
+        ids[:, 0] = 2  # a [CLS]-like special token that must never be a target of masking
+        documents = (torch.arange(L) >= L // 2).long().expand(B, L).clone()  # two documents per block
+        return {"input_ids": ids, "token_mask": torch.ones(B, L, dtype=torch.bool), "document_ids": documents,
+                "generator": torch.Generator().manual_seed(1), "id": [str(i) for i in range(B)]}
+
+
+def run_tokenizer(cfg: RunConfig, out: Path, train: TextSet, runtime: Runtime, kind: str | None) -> TextTokenizer:
+    """The run's tokenizer.json: kept from an earlier start of this run (resume), else copied from
+    `tokenizer.path`, else trained on the training split. Rank 0 writes it; the others read it."""
+    if kind is None:
+        raise SelfsupError(f"method `{cfg.method['name']}` names no tokenizer kind, so it cannot train on text")
+    path = out / TOKENIZER_FILE
+    tokenizer = None
+    if runtime.is_main:
+        if not path.exists() and cfg.tokenizer.path is not None:
+            given = TextTokenizer.load(Path(cfg.tokenizer.path))
+            if given.kind != kind:
+                raise SelfsupError(f"{cfg.tokenizer.path}: a {given.kind} tokenizer, but method `{cfg.method['name']}` "
+                                   f"needs {kind}; train one with `selfsup tokenizer train --kind {kind}`")
+            given.save(path)
+        elif not path.exists():
+            log.info("training a %s tokenizer (vocab %d) on %d documents", kind, cfg.tokenizer.vocab_size, len(train))
+        tokenizer = load_or_train_tokenizer(path, lambda: train.texts, kind, cfg.tokenizer.vocab_size,
+                                            cfg.tokenizer.min_frequency)
+    runtime.barrier()
+    return tokenizer if tokenizer is not None else TextTokenizer.load(path)
+
+
+def pack_split(data: TextSet, tokenizer: TextTokenizer, seq_len: int, *, drop_last: bool) -> PackedBlocks:
+    """The split's documents tokenized, wrapped with the tokenizer's bounds and packed into blocks."""
+    bos, eos = tokenizer.packing_bounds
+    return pack_documents(tokenizer.encode_batch(data.texts), seq_len, bos_id=bos, eos_id=eos,
+                          pad_id=tokenizer.pad_id, drop_last=drop_last)
+
+
+def heldout_monitor(holdout: TextBatches, runtime: Runtime, max_blocks: int, batch_size: int, seed: int):
+    """Held-out loss of the method's own objective, its perplexity exp(loss), and the method's
+    accuracy (masked-token or next-token), on the first `max_blocks` held-out blocks.
+
+    The held-out randomness (which tokens MLM masks) comes from a generator seeded the same way at
+    every evaluation, so the curve moves only because the weights do. Batches are weighted by their
+    number of blocks; a partial final block counts as a whole one.
+    """
+    num_blocks = min(holdout.num_items, max_blocks)
+    if num_blocks == 0:
+        return None
+
+    def monitor(method: nn.Module) -> dict[str, float]:
+        generator = torch.Generator(device=runtime.device).manual_seed(seed)
+        sums: dict[str, float] = {}
+        for start in range(0, num_blocks, batch_size):
+            indices = torch.arange(start, min(start + batch_size, num_blocks))
+            with runtime.autocast():
+                out = method(holdout(indices, generator), 1.0)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
+        means = {f"heldout_{key}": value / num_blocks for key, value in sums.items()}
+        means["heldout_ppl"] = math.exp(min(means["heldout_loss"], 50.0))  # capped: a diverged run still logs a number
+        return means
+
+    return monitor
