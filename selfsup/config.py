@@ -312,7 +312,9 @@ def _apply_method_defaults(cfg: RunConfig) -> None:
     if spec.towers is None:
         cfg.encoder = {"name": spec.encoder, **cfg.encoder}
     else:
-        cfg.encoders = {role: {"name": default, **cfg.encoders.get(role, {})} for role, default in spec.towers.items()}
+        # Unknown roles are kept, so validation names them rather than dropping a typo.
+        cfg.encoders = {**cfg.encoders, **{role: {"name": default, **cfg.encoders.get(role, {})}
+                                           for role, default in spec.towers.items()}}
     if cfg.data.modality is None:
         cfg.data.modality = spec.modality
     if cfg.data.source is None:
@@ -391,17 +393,17 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
 
     encoder_name = _name(section, key)
     encoder_knobs = {k: v for k, v in section.items() if k != "name"}
+    method = cfg.method["name"]
+    if encoder_name in ENCODERS and ENCODERS[encoder_name].modality != modality:
+        fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
+        raise SelfsupError(f"method `{method}` trains a {modality} encoder, but `{key}.name={encoder_name}` "
+                           f"is a {ENCODERS[encoder_name].modality} encoder; use one of {', '.join(fitting)}")
     encoder_cfg = encoder_config(encoder_name, encoder_knobs)
     # encoder_config checks names and the encoder's own rules; the values' types (and finiteness: a
     # NaN mlp_ratio passes `<= 0`) are checked against its Config's hints like every other section.
     encoder_hints = typing.get_type_hints(type(encoder_cfg))
     for knob, value in encoder_knobs.items():
         _check_value(f"{key}.{knob}", value, encoder_hints[knob])
-    method = cfg.method["name"]
-    if ENCODERS[encoder_name].modality != modality:
-        fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
-        raise SelfsupError(f"method `{method}` trains a {modality} encoder, but `{key}.name={encoder_name}` "
-                           f"is a {ENCODERS[encoder_name].modality} encoder; use one of {', '.join(fitting)}")
     if spec.vit_only and ENCODERS[encoder_name].module_type.__name__ != "ViT":
         vits = sorted(n for n, e in ENCODERS.items() if e.module_type.__name__ == "ViT")
         raise SelfsupError(f"method `{method}` masks ViT patch tokens; `{key}.name={encoder_name}` is not "

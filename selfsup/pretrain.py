@@ -174,8 +174,9 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
              runtime.device, runtime.world_size)
     if runtime.is_main and (read_marker(out) or {}).get("state") == STARTING:
         update_marker(out, state=TRAINING)
+    first_role = next(role for role, (_, m) in tower_sections(cfg).items() if m == modality.name)
     result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
-                 monitor=parts.monitor(runtime), stop_after=stop_after, stop=stop)
+                 monitor=parts.monitor(runtime, lambda m: getattr(m, first_role)), stop_after=stop_after, stop=stop)
     first = tower_sections(cfg)[spec.roles[0]][1]
     if runtime.is_main and result.steps == cfg.train.steps:
         _save_towers(out, cfg, spec, method, descriptions, parts, result.steps, train.source)

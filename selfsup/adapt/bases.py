@@ -37,6 +37,7 @@ from selfsup.modalities import Reader, load_reader, load_splits
 from selfsup.rundir import CONFIG_FILE, resolve_tower
 
 HF_PREFIX, RANDOM_PREFIX = "hf:", "random:"
+HF_MODALITY = "text"  # what an hf: base reads (HFTextEncoder)
 HF_SEQ_LEN = 128
 # LoRA targets in BERT-style layouts (BERT, RoBERTa, MiniLM): q/k/v, the attention output and both
 # MLP projections are nn.Linear modules whose names end so.
@@ -112,7 +113,7 @@ def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], 
         if isinstance(limit, int) and 2 < limit < seq_len:
             seq_len = limit
     meta = {"encoder": {"name": "hf", "config": model.config.to_dict()},
-            "preprocess": {"modality": "text", "seq_len": seq_len, "tokenizer": "tokenizer.json", "hf_folder": str(folder)}}
+            "preprocess": {"modality": HF_MODALITY, "seq_len": seq_len, "tokenizer": "tokenizer.json", "hf_folder": str(folder)}}
     return encoder, meta, load_reader(meta, folder, str(folder / "config.json"))
 
 
@@ -148,7 +149,10 @@ def base_config(base: str, data: str | None) -> RunConfig:
         if data is None:
             raise SelfsupError(f"{base}: a Hugging Face base has no pretraining data to take the task from; "
                                "pass --data (e.g. --data manpages)")
-        return load_config(None, ["method.name=mlm", *overrides])
+        # The splits of a default run on that source: any method that trains on the HF encoder's modality.
+        from selfsup.methods import method_for
+
+        return load_config(None, [f"method.name={method_for(HF_MODALITY)}", *overrides])
     run = Path(name)
     if not (run / CONFIG_FILE).is_file():
         raise SelfsupError(f"{run / CONFIG_FILE}: not found; the base must be a selfsup run directory (its "

@@ -92,6 +92,15 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def method_for(modality: str) -> str:
+    """The first registered method that trains on `modality` by default (e.g. the splits of a
+    default run on a source, for a base that has no run of its own)."""
+    for name, spec in METHODS.items():
+        if spec.modality == modality:
+            return name
+    raise SelfsupError(f"no registered method trains on {modality!r} data")
+
+
 def method_config(section: dict[str, Any]) -> Any:
     """The chosen method's Config from a `method:` section (`name` + the method's knobs)."""
     name = section.get("name")

@@ -91,7 +91,9 @@ class Assembly:
     encoder_inputs: dict[str, dict[str, int]]
     preprocess: dict[str, dict[str, Any]]
     method_section: dict[str, Any]  # the method config, with fields filled from the data (a tokenizer's ids)
-    monitor: Callable[["Runtime"], Monitor | None]  # the held-out monitor (kNN accuracy, perplexity)
+    # The held-out monitor (kNN accuracy, perplexity), given the runtime and how to find the encoder
+    # it watches in the method (its first tower of this modality).
+    monitor: Callable[["Runtime", Callable[[nn.Module], nn.Module]], Monitor | None]
     fit_data: FitData | None = None  # for methods with data-fitted targets; None = this modality has none
     # Files a tower of this modality needs beside its weights (name -> writer), e.g. the tokenizer.
     tower_files: dict[str, dict[str, Callable[[Path], None]]] = field(default_factory=dict)

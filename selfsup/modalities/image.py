@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from selfsup.data.views import ImageViews, ViewsConfig, crop_flip_resize, normal
 from selfsup.encoders import IMAGE_INPUTS
 from selfsup.modalities.base import Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs
 from selfsup.nn.colour import lightness_as_grey, rgb_to_lab
+from selfsup.nn.knn import knn_accuracy
 from selfsup.train.runtime import Runtime
 
 PREVIEWS_FILE = "previews.png"  # reconstructions of held-out images, for the run's report
@@ -122,7 +124,8 @@ class ImageModality(Modality):
             ImageBatches(train, views, runtime.device),
             {self.name: {"in_channels": cfg.data.channels, "image_size": cfg.data.image_size}},
             {self.name: preprocess}, dict(cfg.method),
-            lambda rt: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k, cfg.seed),
+            lambda rt, encoder_of: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k,
+                                               cfg.seed, encoder_of),
             fit_data=fit_data, after_training=after_training,
         )
 
@@ -145,10 +148,10 @@ class ImageModality(Modality):
 
 
 def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], runtime: Runtime,
-                max_bank: int, k: int, seed: int):
-    """kNN accuracy of the current encoder on the held-out split (None when the data have no labels)."""
-    from selfsup.adapt.probes import knn_accuracy  # pure maths on feature tensors
-
+                max_bank: int, k: int, seed: int,
+                encoder_of: Callable[[nn.Module], nn.Module] = lambda method: method.encoder):
+    """kNN accuracy of the current encoder (`encoder_of(method)`) on the held-out split (None when
+    the data have no labels)."""
     if train.labels is None or holdout.labels is None or len(holdout) == 0:
         return None
     labelled = torch.nonzero(train.labels >= 0).flatten()
@@ -160,8 +163,8 @@ def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], 
     reader = ImageReader(preprocess)
 
     def monitor(method: nn.Module) -> dict[str, float]:
-        fx = reader.features(method.encoder, train, bank, runtime)
-        fq = reader.features(method.encoder, holdout, queries, runtime)
+        fx = reader.features(encoder_of(method), train, bank, runtime)
+        fq = reader.features(encoder_of(method), holdout, queries, runtime)
         return {"knn_acc": knn_accuracy(fx, train.labels[bank], fq, holdout.labels[queries], k=k)}
 
     return monitor

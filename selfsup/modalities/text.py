@@ -174,7 +174,7 @@ class TextModality(Modality):
         micro_batch = max(1, cfg.train.batch_size // (cfg.train.accum_steps * runtime.world_size))
         return Assembly(
             batches, {self.name: {"vocab_size": tokenizer.vocab_size, "max_len": d.seq_len}}, {self.name: preprocess},
-            section, lambda rt: heldout_monitor(heldout, rt, cfg.train.eval_max_blocks, micro_batch, cfg.seed),
+            section, lambda rt, encoder_of: heldout_monitor(heldout, rt, cfg.train.eval_max_blocks, micro_batch, cfg.seed),
             tower_files={self.name: {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},
         )
 
