@@ -112,6 +112,22 @@ def swap_dir(built: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def build_dir(out: Path, kind: str, write: Callable[[Path], None], what: str) -> None:
+    """Builds a `kind` folder beside `out` with `write(folder)`, marks it and swaps it in, so `out`
+    is one whole folder, old or new; a failed write (a full disk) is an error naming `out`, and the
+    previous folder stays."""
+    built = temp_dir(Path(out).parent, f".{Path(out).name}.")
+    try:
+        write(built)
+        mark(built, kind)
+        swap_dir(built, Path(out))
+    except OSError as err:
+        raise SelfsupError(f"{out}: could not write the {what} ({err.strerror or err}); "
+                           f"any previous {what} there is unchanged") from None
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+
+
 # ---- ownership markers -------------------------------------------------------------------------
 
 

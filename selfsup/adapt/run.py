@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHT
                                 build_task_model, label_budget, predict_logits, test_metrics, train_task)
 from selfsup.data.split import labelled_rows
 from selfsup.errors import SelfsupError
-from selfsup.files import claim_output, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
+from selfsup.files import build_dir, claim_output, names_in, write_atomic, write_with
 from selfsup.modalities import Reader, load_reader, run_modality
 from selfsup.modalities.base import TaskInputs
 from selfsup.modalities.text import TOKENIZER_FILE
@@ -64,16 +63,8 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
 def _save(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, tower: str | None, meta: dict, reader: Reader,
           classes: list[str] | None, source: str, metrics: dict) -> None:
     """Builds the task folder beside `out` and swaps it in: `out` is one whole task, old or new."""
-    built = temp_dir(out.parent, f".{out.name}.")
-    try:
-        _write_task(built, model, cfg, base, tower, meta, reader, classes, source, metrics)
-        mark(built, "task")
-        swap_dir(built, out)
-    except OSError as err:
-        raise SelfsupError(f"{out}: could not write the task ({err.strerror or err}); "
-                           "any previous task there is unchanged") from None
-    finally:
-        shutil.rmtree(built, ignore_errors=True)
+    build_dir(out, "task", lambda built: _write_task(built, model, cfg, base, tower, meta, reader, classes, source,
+                                                     metrics), "task")
 
 
 def _write_task(out: Path, model: TaskModel, cfg: AdaptConfig, base: str, tower: str | None, meta: dict,

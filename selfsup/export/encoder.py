@@ -8,7 +8,6 @@ weights without the run's config or any pickle.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +58,16 @@ def export_encoder(folder: Path, out: Path, *, overwrite: bool = False) -> Path:
     description and the files it reads its inputs with, so `load_encoder(out)` and a modality's
     reader work from `out` alone. Built beside `out` and swapped in; `overwrite` replaces only an
     encoder export selfsup made."""
-    from selfsup.files import claim_output, mark, names_in, swap_dir, temp_dir
+    from selfsup.files import build_dir, claim_output, names_in
     from selfsup.modalities import load_reader
 
     folder, out = Path(folder), Path(out)
     encoder, meta = load_encoder(folder)
     reader = load_reader(meta, folder, str(folder / META))
     claim_output(out, "encoder", names_in(*EXPORT_FILES), overwrite=overwrite)
-    built = temp_dir(out.parent, f".{out.name}.")
-    try:
-        preprocess = reader.save(built)
-        save_encoder(built, encoder, {**meta, "preprocess": preprocess})
-        mark(built, "encoder")
-        swap_dir(built, out)
-    except OSError as err:
-        raise SelfsupError(f"{out}: could not write the encoder export ({err.strerror or err}); "
-                           "any previous export there is unchanged") from None
-    finally:
-        shutil.rmtree(built, ignore_errors=True)
+
+    def write(built: Path) -> None:
+        save_encoder(built, encoder, {**meta, "preprocess": reader.save(built)})
+
+    build_dir(out, "encoder", write, "encoder export")
     return out
