@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages manpages-dev man-db bsdextrautils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench clean report-check
+.PHONY: setup system-packages demo test faults bench clean report-check
 
 setup: $(STAMP) | system-packages
 
@@ -43,6 +43,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The fault-injection suite in full (tests/faults: kill -9 at random moments, corrupted checkpoints,
+# a full disk, a killed DDP rank, SIGTERM at start-up and export, refused overwrites and resumes);
+# `make test` runs its reduced set.
+faults: setup
+	SELFSUP_FAULTS=full $(BIN)/python -m pytest -q tests/faults
 
 # The peers' own environment (bench/peers/): lightly needs torchvision, which does not install beside
 # selfsup's torch 2.13, so it gets torch 2.14.1 + torchvision 0.29.1 (a ~5.5 GB CUDA build from local

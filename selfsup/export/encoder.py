@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -26,8 +27,13 @@ def save_encoder(directory: Path, encoder: nn.Module, meta: dict[str, Any]) -> N
     "encoder" and "preprocess"."""
     assert "encoder" in meta and "preprocess" in meta
     directory.mkdir(parents=True, exist_ok=True)
-    write_with(directory / WEIGHTS, lambda tmp: save_model(encoder, str(tmp)))
-    write_atomic(directory / META, json.dumps(meta, indent=2))
+    try:
+        write_with(directory / WEIGHTS, lambda tmp: save_model(encoder, str(tmp)))
+        write_atomic(directory / META, json.dumps(meta, indent=2))
+    except (OSError, SafetensorError) as err:  # a full disk: safetensors reports it as its own error type
+        raise SelfsupError(f"{directory / WEIGHTS}: cannot write the encoder ({getattr(err, 'strerror', None) or err}); "
+                           "nothing half-written was left, and a run's checkpoints are intact: free space and "
+                           "rerun with --resume to write it") from None
 
 
 def load_encoder(directory: Path) -> tuple[nn.Module, dict[str, Any]]:

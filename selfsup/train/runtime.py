@@ -86,11 +86,30 @@ def init_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             backend = "nccl" if dev.type == "cuda" else "gloo"
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            dist.init_process_group(backend=backend)
+            _init_process_group(backend, world_size)
         rank = dist.get_rank()
     else:
         rank = 0
     return Runtime(device=dev, autocast_dtype=resolve_precision(precision, dev), rank=rank, world_size=world_size)
+
+
+def _init_process_group(backend: str, world_size: int) -> None:
+    """torchrun's process group; after a `--max-restarts` restart, under a key prefix of its own.
+
+    torchrun's agent keeps one TCP store across restarts, and the restarted workers would read the
+    dead attempt's rendezvous keys (gloo: "Connection refused", or a hang; pytorch/pytorch#135712).
+    Each attempt therefore rendezvous under `selfsup/attempt-N/`.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend=backend)
+        return
+    rank = int(os.environ["RANK"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, wait_for_workers=False)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"selfsup/attempt-{restart}", store),
+                            rank=rank, world_size=world_size)
 
 
 def shutdown(runtime: Runtime) -> None:
