@@ -11,7 +11,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
 # Debian packages the "glyphs" built-in renders from (selfsup data prepare glyphs; shared/DATA.md).
-DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages manpages-dev man-db bsdextrautils
+DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages manpages-dev man-db bsdextrautils \
+	klettres-data espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test faults bench clean report-check
@@ -23,7 +24,7 @@ setup: $(STAMP) | system-packages
 system-packages:
 	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		echo "installing $(DEB_PACKAGES) for the glyphs built-in dataset"; \
+		echo "installing $(DEB_PACKAGES) for the built-in datasets (glyphs, emoji, man pages, klettres, espeak)"; \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(DEB_PACKAGES); \
 	else \
 		echo "note: no apt-get here; the glyphs built-in needs the Noto fonts and Unicode Scripts.txt of $(DEB_PACKAGES)"; \
@@ -69,6 +70,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/augment.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
 	$(BIN)/python bench/text.py | tee -a runs/bench.jsonl
+	$(BIN)/python bench/speech.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/objectives.py | tee -a runs/bench.jsonl
 
 clean:

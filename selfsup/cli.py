@@ -25,7 +25,7 @@ log = logging.getLogger("selfsup")
 EXIT_BAD_INPUT = 2
 
 # Kept equal to selfsup.data.builtins.PREPARABLE (a test checks) so that parsing never imports torch.
-PREPARABLE = ("glyphs", "emoji", "manpages")
+PREPARABLE = ("glyphs", "emoji", "manpages", "klettres", "espeak")
 # Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
 SELECT_SCORES = ("logme", "knn", "linear_cv")
 LEVERAGE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # = selfsup.evaluate.ladder.METRICS (a test checks)
@@ -251,15 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List built-in datasets and whether they are available; prepare those that are made once.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
-    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, emoji, manpages)",
+    p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, emoji, manpages, "
+                            "klettres, espeak)",
                             description="Render a built-in dataset into the selfsup cache ($SELFSUP_CACHE, default "
                             "~/.cache/selfsup) or --out. glyphs: each code point of the Debian Noto fonts (fonts-noto-core), "
                             "labelled by Unicode script (unicode-data), Sans/Serif as the `family` subgroup. "
                             "emoji: the fully-qualified emoji of emoji-test.txt (unicode-data) drawn in colour with Noto "
                             "Color Emoji (fonts-noto-color-emoji), labelled by CLDR group, with `subgroup` and `skin_tone` "
                             "columns (uses --size). manpages: the English man "
-                            "pages of manpages and manpages-dev rendered with man -l | col -bx, labelled by section. Preparing "
-                            "again with the same settings and fonts does nothing.")
+                            "pages of manpages and manpages-dev rendered with man -l | col -bx, labelled by section. "
+                            "klettres: the spoken letters and syllables of klettres-data resampled to 16 kHz WAV, labelled "
+                            "by letter or syllable, with `language` and `kind` columns. espeak: a few words said by espeak-ng "
+                            "in several voices, labelled by word, with `voice` and `speed` columns (for tests). Preparing "
+                            "again with the same settings and packages does nothing.")
     p.add_argument("name", choices=PREPARABLE, help="dataset to prepare")
     p.add_argument("--out", type=Path, default=None,
                    help="folder to write (default: <cache>/NAME, where data.source=NAME reads it)")

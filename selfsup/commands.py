@@ -233,6 +233,16 @@ def run_data_prepare(args: argparse.Namespace) -> None:
 
         print(prepare_manpages(args.out, force=args.force, progress=True, max_pages=args.max_pages).describe())
         return
+    if args.name == "klettres":
+        from selfsup.data.builtins.klettres import prepare_klettres
+
+        print(prepare_klettres(args.out, force=args.force, progress=True).describe())
+        return
+    if args.name == "espeak":
+        from selfsup.data.builtins.espeak import prepare_espeak
+
+        print(prepare_espeak(args.out, force=args.force, progress=True).describe())
+        return
     if args.name == "emoji":
         from selfsup.data.builtins.emoji import prepare_emoji
 

@@ -35,7 +35,7 @@ class DataConfig:
     # images
     image_size: int = 32  # images are resized to image_size x image_size once, at load
     channels: int = 3  # 3 = RGB (greyscale sources are replicated), 1 = greyscale
-    on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image does: stop the run, or be skipped and counted
+    on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image or audio file does: stop the run, or be skipped and counted
     max_bad_fraction: float = 0.01  # with on_bad_file=skip, abort when more than this fraction of files is bad
     # text
     seq_len: int = 128  # tokens per packed training block (documents are concatenated and cut into blocks)
@@ -44,6 +44,10 @@ class DataConfig:
     text_unit: Literal["file", "line"] = "file"  # a folder of .txt files: one document per file, or per line
     text_errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: stop naming file and line, or replace it
     max_line_chars: int = 1_000_000  # a longer line is cut into pieces (never loaded whole)
+    # audio
+    sample_rate: int = 16000  # clips are decoded, mixed to mono and resampled to this rate (Hz) once, at load
+    max_seconds: float = 4.0  # training crops: each clip is cut to at most this long, at a random start
+    max_file_seconds: float = 600.0  # a longer file is bad input (checked from its header, before it is read)
 
 
 @dataclass
@@ -179,6 +183,13 @@ def _check_float(key: str, value: Any) -> float:
             number = 0.0
         if not math.isfinite(number):
             raise SelfsupError(f"`{key}`: {number} is not a finite number")
+        if any(c in value.lower() for c in ".e") and value.strip():
+            # YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string; in a config file as on the command
+            # line, a user writing `lr: 1e-3` means the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SelfsupError(f"`{key}` must be a number, got {value!r}")
     try:
@@ -337,7 +348,8 @@ def validate(cfg: RunConfig) -> None:
                 "train.checkpoint_every": t.checkpoint_every, "train.keep_last": t.keep_last,
                 "train.log_every": t.log_every, "data.image_size": cfg.data.image_size, "probe.knn_k": cfg.probe.knn_k,
                 "data.seq_len": cfg.data.seq_len, "data.max_line_chars": cfg.data.max_line_chars,
-                "train.eval_max_blocks": t.eval_max_blocks, "tokenizer.min_frequency": cfg.tokenizer.min_frequency}
+                "train.eval_max_blocks": t.eval_max_blocks, "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
+                "data.sample_rate": cfg.data.sample_rate}
     for key, value in positive.items():
         if value < 1:
             raise SelfsupError(f"`{key}` must be at least 1, got {value}")
@@ -355,6 +367,9 @@ def validate(cfg: RunConfig) -> None:
         raise SelfsupError(f"`train.grad_clip` must be positive or null, got {t.grad_clip}")
     if cfg.data.channels not in (1, 3):
         raise SelfsupError(f"`data.channels` must be 1 or 3, got {cfg.data.channels}")
+    for key, value in {"data.max_seconds": cfg.data.max_seconds, "data.max_file_seconds": cfg.data.max_file_seconds}.items():
+        if not value > 0:
+            raise SelfsupError(f"`{key}` must be positive (seconds), got {value}")
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise SelfsupError(f"`data.holdout_fraction` must be in [0, 1), got {cfg.data.holdout_fraction}")
     for frac in cfg.probe.fractions:
@@ -398,12 +413,15 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
         fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
         raise SelfsupError(f"method `{method}` trains a {modality} encoder, but `{key}.name={encoder_name}` "
                            f"is a {ENCODERS[encoder_name].modality} encoder; use one of {', '.join(fitting)}")
+    # The values' types (and finiteness: a NaN mlp_ratio passes `<= 0`) are checked against the
+    # encoder Config's hints like every other section, before the encoder's own rules see them;
+    # encoder_config then checks the names and those rules.
+    if encoder_name in ENCODERS:
+        encoder_hints = typing.get_type_hints(ENCODERS[encoder_name].config_type)
+        for knob, value in encoder_knobs.items():
+            if knob in encoder_hints:
+                _check_value(f"{key}.{knob}", value, encoder_hints[knob])
     encoder_cfg = encoder_config(encoder_name, encoder_knobs)
-    # encoder_config checks names and the encoder's own rules; the values' types (and finiteness: a
-    # NaN mlp_ratio passes `<= 0`) are checked against its Config's hints like every other section.
-    encoder_hints = typing.get_type_hints(type(encoder_cfg))
-    for knob, value in encoder_knobs.items():
-        _check_value(f"{key}.{knob}", value, encoder_hints[knob])
     if spec.vit_only and ENCODERS[encoder_name].module_type.__name__ != "ViT":
         vits = sorted(n for n, e in ENCODERS.items() if e.module_type.__name__ == "ViT")
         raise SelfsupError(f"method `{method}` masks ViT patch tokens; `{key}.name={encoder_name}` is not "

@@ -190,3 +190,14 @@ def test_every_float_knob_refuses_nan(base, override):
     key = override.split("=")[0]
     with pytest.raises(SelfsupError, match=rf"^`{re.escape(key)}(\[0\])?`: nan is not a finite number$"):
         load_config(None, [*base, override])
+
+
+def test_a_yaml_file_may_write_floats_without_a_dot(tmp_path):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); a config file means the number, as an override does."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-4\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 5e-4
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(SelfsupError, match="train.lr"):
+        load_config(path)

@@ -37,7 +37,9 @@ from selfsup.modalities import Reader, load_reader, load_splits
 from selfsup.rundir import CONFIG_FILE, resolve_tower
 
 HF_PREFIX, RANDOM_PREFIX = "hf:", "random:"
-HF_MODALITY = "text"  # what an hf: base reads (HFTextEncoder)
+HF_AUDIO_MAX_SECONDS = 4.0  # an hf: speech encoder reads a clip's opening seconds, as our audio runs by default
+# LoRA targets of transformers' speech encoders (wav2vec 2.0, HuBERT, WavLM): attention and feed-forward.
+HF_AUDIO_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense")
 HF_SEQ_LEN = 128
 # LoRA targets in BERT-style layouts (BERT, RoBERTa, MiniLM): q/k/v, the attention output and both
 # MLP projections are nn.Linear modules whose names end so.
@@ -75,22 +77,57 @@ class HFTextEncoder(nn.Module):
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
 
 
-def hf_encoder_from_config(config: dict[str, Any]) -> HFTextEncoder:
+class HFAudioEncoder(nn.Module):
+    """A `transformers.AutoModel` speech encoder (wav2vec 2.0, HuBERT, ...) behind the selfsup Encoder
+    contract: `forward(audio [B, T], lengths [B])` -> last hidden states [B, F, D], `embed` -> the mean
+    over real frames [B, D] (the pooling selfsup's own audio encoder uses)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dim: int = int(model.config.hidden_size)
+        self.lora_targets = HF_AUDIO_LORA_TARGETS
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
+        B, T = audio.shape
+        mask = None if lengths is None else torch.arange(T, device=audio.device)[None, :] < lengths[:, None]  # [B, T]
+        return self.model(input_values=audio, attention_mask=mask).last_hidden_state
+
+    def embed(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
+        frames = self.forward(audio, lengths)  # [B, F, D]
+        if lengths is None:
+            return frames.mean(dim=1)
+        counts = self.model._get_feat_extract_output_lengths(lengths).clamp(1, frames.shape[1])  # [B]
+        real = (torch.arange(frames.shape[1], device=frames.device)[None, :] < counts[:, None]).to(frames.dtype)
+        return (frames * real.unsqueeze(-1)).sum(dim=1) / counts.unsqueeze(1).to(frames.dtype)
+
+
+_HF_WRAPPERS = {"hf": HFTextEncoder, "hf_audio": HFAudioEncoder}  # encoder description name -> wrapper
+
+
+def hf_encoder_from_config(config: dict[str, Any], name: str = "hf") -> nn.Module:
     """The architecture of a saved `config.json` dict, randomly initialised (weights are loaded after)."""
     transformers = _transformers()
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise SelfsupError("a Hugging Face encoder description needs its config's model_type")
-    return HFTextEncoder(transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **config)))
+    return _HF_WRAPPERS[name](transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **config)))
+
+
+def hf_reads_audio(folder: Path) -> bool:
+    """A speech folder holds a feature extractor's preprocessor_config.json and no tokenizer.json."""
+    return (folder / "preprocessor_config.json").is_file() and not (folder / "tokenizer.json").is_file()
 
 
 def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], Reader]:
     transformers = _transformers()
-    for name in ("config.json", "tokenizer.json"):
+    audio = hf_reads_audio(folder)
+    for name in ("config.json", "preprocessor_config.json" if audio else "tokenizer.json"):
         if not (folder / name).is_file():
             raise SelfsupError(f"{folder / name}: not found; an hf: base is a local Hugging Face folder with "
-                               "config.json, the weights (model.safetensors) and tokenizer.json")
+                               "config.json, the weights (model.safetensors) and tokenizer.json (text) or "
+                               "preprocessor_config.json (speech)")
     # A masked-LM folder also holds its LM head, which the encoder does not use: transformers' report
     # of those "unexpected" keys would only alarm; a real mismatch still raises.
     verbosity = transformers.logging.get_verbosity()
@@ -105,6 +142,13 @@ def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], 
         raise SelfsupError(f"{folder}: transformers cannot load this folder as a model ({err})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if audio:
+        extractor = json.loads((folder / "preprocessor_config.json").read_text())
+        meta = {"encoder": {"name": "hf_audio", "config": model.config.to_dict()},
+                "preprocess": {"modality": "audio", "sample_rate": int(extractor.get("sampling_rate", 16000)),
+                               "max_seconds": HF_AUDIO_MAX_SECONDS, "normalize": bool(extractor.get("do_normalize", True)),
+                               "hf_folder": str(folder)}}
+        return HFAudioEncoder(model).eval(), meta, load_reader(meta, folder, str(folder / "config.json"))
     encoder = HFTextEncoder(model).eval()
     seq_len = HF_SEQ_LEN
     tokenizer_config = folder / "tokenizer_config.json"
@@ -113,7 +157,7 @@ def _load_hf(folder: Path, randomise: bool) -> tuple[nn.Module, dict[str, Any], 
         if isinstance(limit, int) and 2 < limit < seq_len:
             seq_len = limit
     meta = {"encoder": {"name": "hf", "config": model.config.to_dict()},
-            "preprocess": {"modality": HF_MODALITY, "seq_len": seq_len, "tokenizer": "tokenizer.json", "hf_folder": str(folder)}}
+            "preprocess": {"modality": "text", "seq_len": seq_len, "tokenizer": "tokenizer.json", "hf_folder": str(folder)}}
     return encoder, meta, load_reader(meta, folder, str(folder / "config.json"))
 
 
@@ -136,8 +180,8 @@ def load_base(base: str, tower: str | None = None) -> tuple[nn.Module, dict[str,
 
 def rebuild_encoder(description: dict[str, Any]) -> nn.Module:
     """The architecture an `encoder` description (encoder.json's, or task.json's) names, untrained."""
-    if description.get("name") == "hf":
-        return hf_encoder_from_config(description["config"])
+    if description.get("name") in _HF_WRAPPERS:
+        return hf_encoder_from_config(description["config"], description["name"])
     return build_encoder(**description)
 
 
@@ -152,7 +196,8 @@ def base_config(base: str, data: str | None) -> RunConfig:
         # The splits of a default run on that source: any method that trains on the HF encoder's modality.
         from selfsup.methods import method_for
 
-        return load_config(None, [f"method.name={method_for(HF_MODALITY)}", *overrides])
+        modality = "audio" if hf_reads_audio(Path(name.removeprefix(HF_PREFIX))) else "text"
+        return load_config(None, [f"method.name={method_for(modality)}", *overrides])
     run = Path(name)
     if not (run / CONFIG_FILE).is_file():
         raise SelfsupError(f"{run / CONFIG_FILE}: not found; the base must be a selfsup run directory (its "

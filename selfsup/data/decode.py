@@ -6,6 +6,9 @@ Pillow computes it, transparent pixels are composited onto white, 16-bit and flo
 scaled to 8 bits. A file that cannot become an image raises `_BadFile` with a reason a user can
 act on; `_decode_all` turns those into an error naming the file, or (on_bad="skip") drops them,
 logs a summary and still fails once more than `max_bad_fraction` of the files are bad.
+
+That policy (`_decode_files`, `_BadFile`, `_BadFilePolicy`) is shared with audio files
+(`audio.py`), which name their files differently in its messages (`_FileKind`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from selfsup.errors import SelfsupError
 
 logger = logging.getLogger("selfsup")
+T = TypeVar("T")
 
 # Pillow releases the GIL while decoding, so a few threads overlap decode with file I/O; more would
 # only fight the other jobs on a small machine.
@@ -32,9 +38,8 @@ _MAX_DECODE_WORKERS = 4
 _NUM_NAMED = 5
 
 
-
 class _BadFile(Exception):
-    """A file that cannot become an image; carries the reason a user reads."""
+    """A file that cannot be decoded (an image, a clip); carries the reason a user reads."""
 
 
 @dataclass
@@ -102,6 +107,18 @@ def _to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
+@dataclass(frozen=True)
+class _FileKind:
+    """How the files of one kind are named in the bad-file messages and the progress bar."""
+
+    files: str  # "image files"
+    nothing: str  # the error when every file is bad: "no usable images"
+    title: str  # the progress bar's title: "decoding images"
+
+
+IMAGE_FILES = _FileKind("image files", "no usable images", "decoding images")
+
+
 def _decode_all(
     items: list[tuple[Path, str]],
     image_size: int,
@@ -114,55 +131,73 @@ def _decode_all(
     The pixel-limit warning is made an error for the duration: catch_warnings is not thread-safe,
     so it is entered once here, around the whole pool, instead of inside each worker.
     """
-    num_items = len(items)
-    kept: list[int] = []
-    arrays: list[np.ndarray] = []
-    bad: list[str] = []
-    # abort as soon as the bad fraction is certain to exceed the limit, not after decoding all
-    max_bad = math.floor(policy.max_bad_fraction * num_items + 1e-9)  # 1e-9: 0.29 * 100 is 28.999...
-    bar = _progress_bar(num_items) if progress else None
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_WORKERS, os.cpu_count() or 1))
-        try:
-            if bar is not None:
-                bar[0].start()
-            jobs = [pool.submit(_decode, path, image_size, channels) for path, _ in items]
-            for row, job in enumerate(jobs):
-                try:
-                    arrays.append(job.result())
-                    kept.append(row)
-                except _BadFile as err:
-                    name = items[row][1]
-                    if policy.on_bad == "error":
-                        raise SelfsupError(f"{name}: {err}; fix or remove it, "
-                                           "or pass data.on_bad_file=skip") from None
-                    bad.append(f"{name} ({err})")
-                    if len(bad) > max_bad:
-                        raise SelfsupError(
-                            f"at least {len(bad)} of {num_items} image files "
-                            f"({len(bad) / num_items:.1%}) cannot be decoded, over the limit "
-                            f"data.max_bad_fraction={policy.max_bad_fraction:g}; first: "
-                            f"{'; '.join(bad[:_NUM_NAMED])}. Fix or remove them, or raise the limit"
-                        ) from None
-                if bar is not None:
-                    bar[0].advance(bar[1])
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar[0].stop()
-    if bad:
-        more = f" and {len(bad) - _NUM_NAMED} more" if len(bad) > _NUM_NAMED else ""
-        logger.warning("skipped %d of %d image files that cannot be decoded: %s%s",
-                       len(bad), num_items, "; ".join(bad[:_NUM_NAMED]), more)
-    if not kept:
-        raise SelfsupError("no usable images: every file failed to decode")
+        kept, arrays, bad = _decode_files(items, lambda path: _decode(path, image_size, channels), policy, progress,
+                                          IMAGE_FILES)
     return kept, np.stack(arrays), bad
 
 
-def _progress_bar(total: int) -> tuple[object, object]:
+def _decode_files(
+    items: list[tuple[Path, str]],
+    decode: Callable[[Path], T],
+    policy: _BadFilePolicy,
+    progress: bool,
+    kind: _FileKind,
+) -> tuple[list[int], list[T], list[str]]:
+    """Decode (path, display name) pairs with `decode` (which raises `_BadFile`) a few at a time;
+    returns the kept row numbers, their decoded values and the bad files' names with reasons.
+
+    Shared by images and audio: on_bad="error" stops at the first bad file, naming it; "skip" drops
+    bad files, logs a summary, and still fails once more than `max_bad_fraction` of them are bad.
+    """
+    num_items = len(items)
+    kept: list[int] = []
+    values: list[T] = []
+    bad: list[str] = []
+    # abort as soon as the bad fraction is certain to exceed the limit, not after decoding all
+    max_bad = math.floor(policy.max_bad_fraction * num_items + 1e-9)  # 1e-9: 0.29 * 100 is 28.999...
+    bar = _progress_bar(num_items, kind.title) if progress else None
+    pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_WORKERS, os.cpu_count() or 1))
+    try:
+        if bar is not None:
+            bar[0].start()
+        jobs = [pool.submit(decode, path) for path, _ in items]
+        for row, job in enumerate(jobs):
+            try:
+                values.append(job.result())
+                kept.append(row)
+            except _BadFile as err:
+                name = items[row][1]
+                if policy.on_bad == "error":
+                    raise SelfsupError(f"{name}: {err}; fix or remove it, "
+                                       "or pass data.on_bad_file=skip") from None
+                bad.append(f"{name} ({err})")
+                if len(bad) > max_bad:
+                    raise SelfsupError(
+                        f"at least {len(bad)} of {num_items} {kind.files} "
+                        f"({len(bad) / num_items:.1%}) cannot be decoded, over the limit "
+                        f"data.max_bad_fraction={policy.max_bad_fraction:g}; first: "
+                        f"{'; '.join(bad[:_NUM_NAMED])}. Fix or remove them, or raise the limit"
+                    ) from None
+            if bar is not None:
+                bar[0].advance(bar[1])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar[0].stop()
+    if bad:
+        more = f" and {len(bad) - _NUM_NAMED} more" if len(bad) > _NUM_NAMED else ""
+        logger.warning("skipped %d of %d %s that cannot be decoded: %s%s",
+                       len(bad), num_items, kind.files, "; ".join(bad[:_NUM_NAMED]), more)
+    if not kept:
+        raise SelfsupError(f"{kind.nothing}: every file failed to decode")
+    return kept, values, bad
+
+
+def _progress_bar(total: int, title: str) -> tuple[object, object]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), transient=True)
     return bar, bar.add_task("decode", total=total)

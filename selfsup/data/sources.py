@@ -3,6 +3,11 @@
 Each returns an `ImageSet`; `images.load_image_source` picks the reader. Folders and manifests are
 decoded through `decode._decode_all` (with its bad-file policy); array files are checked and converted
 to uint8 here, then resized by `images.images_from_array`.
+
+The rules every file-based source follows are here too, shared with audio (`audio.py`) and text:
+listing a folder (`walk_files`) and labelling it by class sub-folder (`_folder_labels`), reading a
+manifest's rows (`_read_manifest_rows`, `_cell`), keeping its paths inside its folder
+(`_manifest_items`), and its labels and subgroup columns (`_manifest_labels`, `_manifest_group_columns`).
 """
 
 from __future__ import annotations
@@ -42,21 +47,26 @@ def _load_folder(root: Path, image_size: int, channels: int, policy: _BadFilePol
     if not relative:
         raise SelfsupError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
-    # Labelled only when the images all sit in >= 2 class sub-folders: one sub-folder is a way
-    # of storing files, not a labelling.
-    tops = [rel.split("/")[0] if "/" in rel else None for rel in relative]
-    classes = sorted({top for top in tops if top is not None})
-    is_labelled = None not in tops and len(classes) >= 2
-
     items = [(root / rel, str(root / rel)) for rel in relative]
     kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
-    labels = None
-    if is_labelled:
-        class_index = {name: i for i, name in enumerate(classes)}
-        labels = torch.tensor([class_index[tops[row]] for row in kept], dtype=torch.long)
+    labels, classes = _folder_labels(relative, kept)
     return ImageSet(images=torch.from_numpy(pixels), ids=[relative[row] for row in kept],
-                    labels=labels, classes=classes if is_labelled else None, groups={},
-                    source=str(root), num_skipped=len(bad))
+                    labels=labels, classes=classes, groups={}, source=str(root), num_skipped=len(bad))
+
+
+def _folder_labels(relative: list[str], kept: list[int]) -> tuple[torch.Tensor | None, list[str] | None]:
+    """(labels int64 [len(kept)], classes) of the kept files of a folder tree, or (None, None).
+
+    Labelled only when the files all sit in >= 2 class sub-folders: one sub-folder is a way of
+    storing files, not a labelling. Classes come from every file listed, kept or not, so that a
+    skipped file never changes the class numbering. Shared by the image and audio folders.
+    """
+    tops = [rel.split("/")[0] if "/" in rel else None for rel in relative]
+    classes = sorted({top for top in tops if top is not None})
+    if None in tops or len(classes) < 2:
+        return None, None
+    class_index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([class_index[tops[row]] for row in kept], dtype=torch.long), classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +127,30 @@ def _load_manifest(manifest: Path, image_size: int, channels: int, policy: _BadF
     rows, columns = _read_manifest_rows(manifest)
     if not rows:
         raise SelfsupError(f"{manifest}: the manifest lists no images")
+    group_columns = _manifest_group_columns(manifest, columns, group_columns)
+    items, ids = _manifest_items(manifest, rows)
+    kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
+    rows = [rows[row] for row in kept]
+    labels, classes = _manifest_labels(rows, columns, label_column)
+    groups = {column: [_cell(row, column) for _, row in rows] for column in group_columns}
+    return ImageSet(images=torch.from_numpy(pixels), ids=[ids[row] for row in kept], labels=labels,
+                    classes=classes, groups=groups, source=str(manifest), num_skipped=len(bad))
+
+
+def _manifest_group_columns(manifest: Path, columns: list[str], group_columns: list[str] | None) -> list[str]:
+    """The subgroup columns to read: those asked for (each must exist), else "group" when present."""
     if group_columns is None:
         group_columns = ["group"] if "group" in columns else []
     missing = [c for c in group_columns if c not in columns]
     if missing:
         raise SelfsupError(f"{manifest}: no group column {', '.join(missing)}; "
                            f"columns are: {', '.join(columns)}")
+    return group_columns
 
+
+def _manifest_items(manifest: Path, rows: list[tuple[int, dict]]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(resolved path, display name) per row and each row's id (its path relative to the manifest's
+    folder); a path that is empty or leaves the manifest's folder is an error naming the line."""
     root = manifest.parent.resolve()
     items: list[tuple[Path, str]] = []
     ids: list[str] = []
@@ -143,18 +170,19 @@ def _load_manifest(manifest: Path, image_size: int, channels: int, policy: _BadF
         else:
             ids.append(Path(os.path.normpath(written)).as_posix())
         items.append((resolved, f"{manifest.parent / written} (listed at {where})"))
+    return items, ids
 
-    kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
-    rows = [rows[row] for row in kept]
-    labels, classes = None, None
-    if label_column in columns:
-        names = [_cell(row, label_column) for _, row in rows]
-        classes = _sorted_classes({name for name in names if name})
-        class_index = {name: i for i, name in enumerate(classes)}
-        labels = torch.tensor([class_index[name] if name else -1 for name in names], dtype=torch.long)
-    groups = {column: [_cell(row, column) for _, row in rows] for column in group_columns}
-    return ImageSet(images=torch.from_numpy(pixels), ids=[ids[row] for row in kept], labels=labels,
-                    classes=classes, groups=groups, source=str(manifest), num_skipped=len(bad))
+
+def _manifest_labels(rows: list[tuple[int, dict]], columns: list[str],
+                     label_column: str) -> tuple[torch.Tensor | None, list[str] | None]:
+    """(labels int64 [N], classes) from `label_column` (an empty cell is -1, unlabelled), or (None, None)
+    when the manifest has no such column."""
+    if label_column not in columns:
+        return None, None
+    names = [_cell(row, label_column) for _, row in rows]
+    classes = _sorted_classes({name for name in names if name})
+    class_index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([class_index[name] if name else -1 for name in names], dtype=torch.long), classes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Image and text encoders by name: the registry, config resolution, building and a JSON description.
+"""Image, text and audio encoders by name: the registry, config resolution, building and a JSON description.
 
 Every encoder follows the Encoder contract (DESIGN.md, "Contracts"): `forward(x, mask=None)` returns
 feature tokens [B, N, D], `embed(x)` the pooled representation [B, D], and `dim` is D. Methods,
 probes and export only ever go through `build_encoder`, so a new architecture is one more entry
 in `ENCODERS`, and `describe_encoder` writes what `encoder.json` needs to rebuild the weights' shape.
 What an encoder is built for depends on its modality: image encoders take `in_channels` and
-`image_size`, text encoders `vocab_size` and `max_len` (the tokenizer's vocabulary, the longest sequence).
+`image_size`, text encoders `vocab_size` and `max_len` (the tokenizer's vocabulary, the longest sequence),
+audio encoders nothing (16 kHz mono waveforms of any length: their config is the whole architecture).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from selfsup.encoders.audio import AudioEncoder, AudioEncoderConfig
 from selfsup.encoders.resnet import ResNet, ResNetConfig
 from selfsup.encoders.text import TextTransformer, TextTransformerConfig
 from selfsup.encoders.vit import ViT, ViTConfig
@@ -34,7 +36,7 @@ class EncoderSpec(NamedTuple):
     inputs: tuple[str, ...] = ("in_channels", "image_size")  # what the data fixes besides the config (module kwargs)
 
 
-IMAGE_INPUTS, TEXT_INPUTS = ("in_channels", "image_size"), ("vocab_size", "max_len")
+IMAGE_INPUTS, TEXT_INPUTS, AUDIO_INPUTS = ("in_channels", "image_size"), ("vocab_size", "max_len"), ()
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -68,6 +70,24 @@ ENCODERS: dict[str, EncoderSpec] = {
         "causal text transformer for next-token prediction (dim 256, depth 4, 4 heads, FFN 1024, learned positions; "
         "exports as GPT-2)",
         "text", TEXT_INPUTS,
+    ),
+    # wav2vec 2.0's encoder (also HuBERT's) at CPU sizes; the paper's BASE is the config defaults
+    # (conv 512, dim 768, 12 blocks, 12 heads, FFN 3072, pos conv 128/16: 94.4M params).
+    "wav2vec2_tiny": EncoderSpec(
+        AudioEncoderConfig, AudioEncoder,
+        {"conv_channels": 128, "dim": 192, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "pos_conv_kernel": 64,
+         "pos_conv_groups": 8},
+        "wav2vec 2.0 encoder, tiny (conv 128, dim 192, 4 blocks, 4 heads, FFN 768, pos conv 64/8; 2.4M params); "
+        "20 ms frames of 16 kHz audio; exports as Wav2Vec2Model / HubertModel",
+        "audio", AUDIO_INPUTS,
+    ),
+    "wav2vec2_small": EncoderSpec(
+        AudioEncoderConfig, AudioEncoder,
+        {"conv_channels": 256, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0, "pos_conv_kernel": 128,
+         "pos_conv_groups": 16},
+        "wav2vec 2.0 encoder, small (conv 256, dim 384, 6 blocks, 6 heads, FFN 1536, pos conv 128/16; 13.0M params); "
+        "20 ms frames of 16 kHz audio; exports as Wav2Vec2Model / HubertModel",
+        "audio", AUDIO_INPUTS,
     ),
 }
 
@@ -110,8 +130,10 @@ def _split_inputs(name: str, given: dict[str, Any]) -> tuple[dict[str, Any], dic
     missing = [key for key in spec.inputs if key not in inputs]
     foreign = [key for key, value in given.items() if value is not None and key in every_input - set(spec.inputs)]
     if missing or foreign:
+        article = "an" if spec.modality[:1] in "aeiou" else "a"
+        needs = f"build it with {' and '.join(spec.inputs)}" if spec.inputs else "its config is all it takes"
         raise SelfsupError(
-            f"encoder '{name}' is a {spec.modality} encoder: build it with {' and '.join(spec.inputs)}"
+            f"encoder '{name}' is {article} {spec.modality} encoder: {needs}"
             + (f" (missing {', '.join(missing)})" if missing else "")
             + (f" (not {', '.join(foreign)}, which are for other modalities)" if foreign else "")
         )
@@ -121,7 +143,7 @@ def _split_inputs(name: str, given: dict[str, Any]) -> tuple[dict[str, Any], dic
 
 def build_encoder(name: str, *, config: dict | None = None, **given: Any) -> nn.Module:
     """Build the named encoder for its inputs (images: `in_channels` and `image_size`; text:
-    `vocab_size` and `max_len`; each registered encoder declares its own).
+    `vocab_size` and `max_len`; audio: none; each registered encoder declares its own).
 
     `config` (as written by `describe_encoder`) and the other keywords (overrides) are both applied
     to the preset, overrides last, so `build_encoder(**describe_encoder(...))` rebuilds the same
@@ -143,5 +165,6 @@ def describe_encoder(name: str, **given: Any) -> dict:
     return {"name": name, **inputs, "config": dataclasses.asdict(cfg)}
 
 
-__all__ = ["ENCODERS", "IMAGE_INPUTS", "TEXT_INPUTS", "EncoderSpec", "ResNet", "ResNetConfig", "TextTransformer",
-           "TextTransformerConfig", "ViT", "ViTConfig", "build_encoder", "describe_encoder", "encoder_config"]
+__all__ = ["AUDIO_INPUTS", "ENCODERS", "IMAGE_INPUTS", "TEXT_INPUTS", "AudioEncoder", "AudioEncoderConfig", "EncoderSpec",
+           "ResNet", "ResNetConfig", "TextTransformer", "TextTransformerConfig", "ViT", "ViTConfig", "build_encoder",
+           "describe_encoder", "encoder_config"]

@@ -7,6 +7,8 @@ What differs between modalities enters as arguments, not as subclasses:
 - `rotary` (cos, sin), for rotary positions (Su et al. 2021, arXiv:2104.09864), which act on q and k
   inside attention rather than on the token embeddings.
 With none of them (the ViT), the block is plain bidirectional self-attention.
+The LayerNorm epsilon is a constructor option (`eps`): 1e-6 for the ViT and the text encoders, 1e-5
+for the audio encoder, whose blocks must equal transformers' wav2vec 2.0 layers (PyTorch's default).
 """
 
 from __future__ import annotations
@@ -104,14 +106,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); `eps` is both norms' epsilon."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float = 1e-6) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(

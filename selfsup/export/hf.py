@@ -59,6 +59,8 @@ One behaviour differs on purpose: selfsup encodes special-token strings found in
 text, while `transformers` recognises them (so `fill-mask` finds "[MASK]"); pass
 `split_special_tokens=True` to the tokenizer for selfsup's behaviour.
 
+Audio runs (an `AudioEncoder`) are handed to `selfsup.export.hf_audio` (Wav2Vec2Model / HubertModel).
+
 Limits: only these two layouts map. Rotary positions, a causal model with embed_norm or
 lm_transform, a bidirectional model without them (or with only one), and non-text encoders raise a
 `SelfsupError` naming the config keys at fault; the run's `encoder.safetensors` + `encoder.json`
@@ -91,9 +93,11 @@ from torch import Tensor
 
 from selfsup import files
 from selfsup.data.tokenizer import TextTokenizer
+from selfsup.encoders.audio import AudioEncoder
 from selfsup.encoders.text import TextTransformer
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import META, WEIGHTS, load_encoder
+from selfsup.export.hf_audio import export_hf_audio
 
 # The two layouts that map onto a Hugging Face architecture: the config values each one requires.
 _GPT2_LAYOUT: dict[str, Any] = {"positions": "learned", "causal": True, "embed_norm": False, "lm_transform": False}
@@ -120,13 +124,15 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
         if not (run_dir / name).is_file():
             raise SelfsupError(f"{run_dir / name}: not found; is {run_dir} a finished selfsup run directory?")
     encoder, meta = load_encoder(run_dir)
+    if isinstance(encoder, AudioEncoder):  # a Wav2Vec2Model / HubertModel folder: selfsup.export.hf_audio
+        return export_hf_audio(run_dir, out, overwrite=overwrite)
     preprocess = meta.get("preprocess", {})
     if not isinstance(encoder, TextTransformer):
         from selfsup.modalities import modality_of
 
         raise SelfsupError(
             f"{run_dir / META}: encoder '{meta.get('encoder', {}).get('name')}' is not a text transformer "
-            f"(a {modality_of(meta, str(run_dir / META)).name} encoder); only text runs export to Hugging Face "
+            f"(a {modality_of(meta, str(run_dir / META)).name} encoder); only text and audio runs export to Hugging Face "
             "(--format hf): use --format encoder for selfsup's own files (selfsup.export.encoder.load_encoder)"
         )
     architecture = _architecture(encoder, run_dir / META)

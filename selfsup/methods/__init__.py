@@ -22,7 +22,7 @@ from torch import nn
 
 from selfsup.config import from_dict, nearest
 from selfsup.errors import SelfsupError
-from selfsup.methods import beit, byol, colorize, dino, mae, mlm, next_token, simclr
+from selfsup.methods import beit, byol, colorize, dino, hubert, mae, mlm, next_token, simclr, wav2vec2
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class MethodSpec:
     config: type  # the method's Config dataclass
     cls: type[nn.Module]  # the method module: __init__(cfg, encoder), forward(batch, progress) -> dict
     # What the batch must carry: "views" = augmented views of each image; "tokens" = packed token
-    # blocks (input_ids, token_mask, document_ids, optional attention_mask/position_ids, generator).
-    inputs: Literal["views", "tokens"]
+    # blocks (input_ids, token_mask, document_ids, optional attention_mask/position_ids, generator);
+    # "audio" = padded 16 kHz clips (audio, lengths, generator).
+    inputs: Literal["views", "tokens", "audio"]
     summary: str  # one line for `--help`
     modality: str = "image"  # the data it trains on unless `data.modality` says otherwise
     views: dict[str, Any] = field(default_factory=dict)  # the method's view recipe: defaults under the user's `views:`
@@ -52,6 +53,7 @@ class MethodSpec:
     towers: dict[str, str] | None = None
     tower_modalities: dict[str, str] = field(default_factory=dict)
     artifacts: tuple[str, ...] = ()  # files `save_artifacts` writes into the run directory
+    hf_model: str | None = None  # the transformers class its export is named after (audio: HubertModel for HuBERT)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -83,6 +85,14 @@ METHODS: dict[str, MethodSpec] = {
     "next_token": MethodSpec(next_token.Config, next_token.NextToken, "tokens",
                              "GPT next-token prediction (Radford et al. 2018): shifted cross-entropy with a causal decoder",
                              modality="text", encoder="text_decoder", tokenizer="bpe", causal=True),
+    "wav2vec2": MethodSpec(wav2vec2.Config, wav2vec2.Wav2Vec2, "audio",
+                           "wav2vec 2.0 (Baevski et al. 2020): pick the quantized latent of span-masked frames among distractors",
+                           modality="audio", encoder="wav2vec2_tiny", hf_model="Wav2Vec2Model",
+                           batch_coupling="the codebook diversity loss (the quantizer's softmax averaged over the masked frames)"),
+    "hubert": MethodSpec(hubert.Config, hubert.HuBERT, "audio",
+                         "HuBERT (Hsu et al. 2021): predict the k-means clusters (MFCC, or a run's layer) of span-masked frames",
+                         modality="audio", encoder="wav2vec2_tiny", artifacts=(hubert.HUBERT_TARGETS_FILE,),
+                         hf_model="HubertModel"),
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.errors import SelfsupError
+from selfsup.modalities.audio import AudioModality
 from selfsup.modalities.base import Modality, Reader
 from selfsup.modalities.image import ImageModality
 from selfsup.modalities.text import TextModality
@@ -19,6 +20,7 @@ from selfsup.modalities.text import TextModality
 MODALITIES: dict[str, Modality] = {
     "image": ImageModality(),
     "text": TextModality(),
+    "audio": AudioModality(),
 }
 
 

@@ -9,7 +9,9 @@ batch of embeddings show both:
 - `embed_erank`: the effective rank of the embedding covariance, exp(entropy of its normalised
   eigenvalues) (Roy & Vetterli 2007; RankMe, Garrido et al. 2023): between 1 and min(B, D).
 DINO adds the teacher's output entropy and its KL divergence to the centre's distribution
-(`dino.py`): a teacher that only echoes the centre is uniform-collapsed.
+(`dino.py`): a teacher that only echoes the centre is uniform-collapsed. wav2vec 2.0 logs its
+codebook's `code_usage` (`methods/wav2vec2.py`): the perplexity of the codes it picks over the most
+it could reach in the batch; a codebook that picks a handful of entries is collapsing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ ERANK_COLLAPSE = 1.5
 # A DINO teacher whose centred, sharpened output has this fraction of the maximal entropy gives the
 # student no target: uniform collapse (at initialisation it sits near 0.5-0.85).
 TEACHER_UNIFORM = 0.97
+# A quantizer whose picked codes have a perplexity below this fraction of what the batch could reach
+# (G groups x min(V entries, frames)) uses few of its entries: its targets carry little information.
+CODE_USAGE_COLLAPSE = 0.1
 
 
 @torch.no_grad()
@@ -57,4 +62,10 @@ def collapse_warning(row: dict[str, float]) -> str | None:
     if entropy is not None and entropy > TEACHER_UNIFORM:
         return (f"DINO teacher near uniform (entropy {entropy:.3f} of log K): the head is not learning; "
                 f"try a lower method.momentum_start or method.teacher_temp, or a lower train.lr")
+    usage = row.get("code_usage")
+    if usage is not None and usage < CODE_USAGE_COLLAPSE:
+        perplexity = row.get("code_perplexity")
+        shown = f"code perplexity {perplexity:.1f}, " if perplexity is not None else ""
+        return (f"codebook collapsing: {shown}{usage:.1%} of the reachable entries in use (healthy > "
+                f"{CODE_USAGE_COLLAPSE:.0%}); try a higher method.diversity_weight or a lower train.lr")
     return None

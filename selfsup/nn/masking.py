@@ -7,9 +7,12 @@
   `min_block` patches) and aspect ratio (between `min_aspect` and 1/`min_aspect`) are added until
   `ratio * N` patches are masked. Blocks keep neighbouring patches hidden together, so a masked
   patch cannot simply be copied from the visible patch next to it.
+- `span_mask` (wav2vec 2.0, Baevski et al. 2020; HuBERT, Hsu et al. 2021): spans of consecutive
+  audio frames, each real frame starting one with probability p; spans may overlap.
 
-Both return bool [B, N] with True = masked, patches in row-major order, the order of `patchify`. Drawing uses only the given
-generator, so a resumed run (whose step generator is seeded by the step) masks exactly as before.
+They return bool [B, N] with True = masked (the image masks: patches in row-major order, the order of
+`patchify`). Drawing uses only the given generator, so a resumed run (whose step generator is
+seeded by the step) masks exactly as before.
 """
 
 from __future__ import annotations
@@ -92,3 +95,51 @@ def blockwise_mask(batch: int, grid: int, ratio: float, generator: torch.Generat
             else:
                 failures += 1
     return mask.flatten(1).to(generator.device)  # [B, N]
+
+
+def span_mask(frame_mask: Tensor, generator: torch.Generator, *, mask_prob: float = 0.65, span: int = 10,
+              min_masks: int = 2) -> Tensor:
+    """bool [B, F] of masked frames (True = masked) for utterances whose real frames are `frame_mask` [B, F].
+
+    wav2vec 2.0's masking (section 3.2 / 4.2 of the paper): every real frame is the start of a span of
+    `span` frames with probability p = mask_prob / span (mask_prob 0.65, span 10: the paper's p = 0.065,
+    M = 10; HuBERT's p = 0.08 is mask_prob 0.8); spans may overlap, so a frame far from the edges is
+    masked with probability 1 - (1 - p)^M (0.49 for wav2vec 2.0, 0.57 for HuBERT). A span is cut at the
+    utterance's last real frame: padded frames are never masked. An utterance that drew fewer than
+    `min_masks` starts gets more, uniformly among its frames where a whole span fits (frame 0 when it
+    is shorter than a span), so every utterance has at least `min_masks` spans (they may overlap, as
+    fairseq's `min_masks`; an utterance of at most `span` frames is then masked whole, as in fairseq).
+
+    Differences from fairseq's `compute_mask_indices`: fairseq draws a fixed number of starts per
+    utterance (round(mask_prob * F / span) + a random 0/1) without replacement among the frames
+    where a span fits, and then truncates every utterance of the batch to the same number of masked
+    frames (`require_same_masks`); here starts are independent Bernoulli draws (the paper's wording)
+    and utterances keep their own counts (the losses handle ragged counts). Exactly two tensors of
+    [B, F] uniforms are drawn from `generator` whatever the data, on the generator's device; the mask
+    is returned on frame_mask's device.
+    """
+    if frame_mask.dim() != 2 or frame_mask.dtype != torch.bool:
+        raise SelfsupError(f"span_mask expects a bool frame mask [B, F], got {frame_mask.dtype} of shape "
+                           f"{tuple(frame_mask.shape)}")
+    if not 0.0 < mask_prob <= span:
+        raise SelfsupError(f"mask_prob must be in (0, span={span}] (it is p * span, the paper's p = 0.065 being "
+                           f"mask_prob 0.65 with span 10), got {mask_prob}")
+    if span < 1 or min_masks < 0:
+        raise SelfsupError(f"span must be >= 1 and min_masks >= 0, got span={span}, min_masks={min_masks}")
+    B, num_frames = frame_mask.shape
+    device = frame_mask.device
+    u_start = torch.rand(B, num_frames, generator=generator, device=generator.device).to(device)  # [B, F]
+    u_extra = torch.rand(B, num_frames, generator=generator, device=generator.device).to(device)  # [B, F]
+    lengths = frame_mask.sum(dim=1, keepdim=True)  # [B, 1] real frames (a prefix of each row)
+    starts = (u_start < mask_prob / span) & frame_mask  # [B, F]
+    # Utterances with too few starts: add the missing ones at random frames where a span fits.
+    need = (min_masks - starts.sum(dim=1, keepdim=True)).clamp(min=0)  # [B, 1]
+    t = torch.arange(num_frames, device=device).unsqueeze(0)  # [1, F]
+    eligible = frame_mask & ~starts & (t <= (lengths - span).clamp(min=0))  # [B, F]
+    score = torch.where(eligible, u_extra, torch.full_like(u_extra, 2.0))  # ineligible frames last
+    rank = score.argsort(dim=1).argsort(dim=1)  # [B, F]: each frame's rank among its row's eligible frames
+    starts = starts | (eligible & (rank < need))
+    # Frame t is masked when a span started in [t - span + 1, t]: a windowed count of starts.
+    count = torch.cumsum(starts.long(), dim=1)  # [B, F]
+    before = torch.nn.functional.pad(count, (span, 0))[:, :num_frames]  # count at t - span (0 before the start)
+    return ((count - before) > 0) & frame_mask

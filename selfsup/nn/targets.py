@@ -135,12 +135,13 @@ class KMeansTokenizer(nn.Module):
                for s in range(0, flat.shape[0], batch_size)]
         return torch.cat(ids).reshape(vectors.shape[:-1])
 
-    def save(self, path: Path) -> None:
-        """Writes the codebook as safetensors (no pickle), atomically."""
+    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        """Writes the codebook as safetensors (no pickle), atomically; `metadata` (strings) is stored
+        beside the file's own keys, e.g. what the vectors were (HuBERT: MFCC or a run's layer)."""
         path = Path(path)
+        header = {**(metadata or {}), "kind": "kmeans", "num_tokens": str(self.num_tokens), "dim": str(self.dim)}
         write_with(path, lambda tmp: save_file(
-            {"centroids": self.centroids.detach().cpu().contiguous()}, str(tmp),
-            metadata={"kind": "kmeans", "num_tokens": str(self.num_tokens), "dim": str(self.dim)}))
+            {"centroids": self.centroids.detach().cpu().contiguous()}, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: Path) -> KMeansTokenizer:

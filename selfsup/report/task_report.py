@@ -139,6 +139,9 @@ def _slice_section(slices: dict[str, Any] | None, eval_dir: Path) -> list[str]:
     for s in slices["slices"]:
         if s.get("thumbnails") and (eval_dir / s["thumbnails"]).is_file():
             shown = f'<img alt="members of slice {s["cluster"]}" src="{png_uri(eval_dir / s["thumbnails"])}">'
+            if s.get("audio"):  # playable clips (data: URIs), under their spectrograms
+                shown += "<br>" + " ".join(f'<audio controls preload="none" src="{html.escape(uri)}"></audio>'
+                                           for uri in s["audio"] if uri.startswith("data:audio/"))
         else:
             shown = "<br>".join(html.escape(t) for t in s.get("snippets", []))
         rows.append(f"<tr><td>{s['cluster']}</td><td>{s['size']}</td><td>{s['error_rate']:.1%}</td><td>{s['lift']:.2f}x</td>"

@@ -80,6 +80,7 @@ class Progress:
     def __init__(self, total: int, start: int, every: int, enabled: bool = True, title: str = "pretrain"):
         self.total, self.every, self.enabled = total, every, enabled
         self.start_time, self.start_step = time.perf_counter(), start
+        self._last_warning: str | None = None
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
@@ -96,11 +97,15 @@ class Progress:
         info = "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         if warning:
             info += f"  [red]{warning}"
+        # A warning is said when it starts (and in every regular line while it lasts), not at every
+        # step: the codebook alarm is computed each step, and a line per step would bury the log.
+        new_warning = bool(warning) and warning.split(":")[0] != (self._last_warning or "").split(":")[0]
+        self._last_warning = warning
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-            if warning:
+            if new_warning:
                 self._bar.console.print(f"[red]step {step}: {warning}")
-        elif step % self.every == 0 or step == self.total or warning:
+        elif step % self.every == 0 or step == self.total or new_warning:
             elapsed = time.perf_counter() - self.start_time
             done = step - self.start_step
             eta = elapsed / done * (self.total - step) if done else math.nan

@@ -9,7 +9,11 @@ from selfsup.modalities import MODALITIES
 
 TINY_ENCODER = {"resnet18": {"width": 8}, "resnet10": {"width": 8}, "vit_tiny": {"dim": 32, "depth": 2, "heads": 2},
                 "vit_small": {"dim": 32, "depth": 2, "heads": 2}, "text_encoder": {"dim": 32, "depth": 2, "heads": 2},
-                "text_decoder": {"dim": 32, "depth": 2, "heads": 2}}
+                "text_decoder": {"dim": 32, "depth": 2, "heads": 2},
+                "wav2vec2_tiny": {"conv_channels": 16, "dim": 32, "depth": 2, "heads": 2, "pos_conv_kernel": 8,
+                                  "pos_conv_groups": 2},
+                "wav2vec2_small": {"conv_channels": 16, "dim": 32, "depth": 2, "heads": 2, "pos_conv_kernel": 8,
+                                   "pos_conv_groups": 2}}
 
 
 def make_batch(method_name: str, B: int = 6) -> dict:

@@ -16,6 +16,10 @@ with `subgroup` and `skin_tone` columns) is made the same way by `selfsup data p
 
 "manpages" is a text corpus (rendered once by `selfsup data prepare manpages`, see `manpages.py`);
 it is listed here so that `data list` and `data prepare` cover it, and `text.load_text_source` loads it.
+
+"klettres" (~1,800 spoken letters and syllables of 20 languages, Debian's klettres-data, see
+`klettres.py`) and "espeak" (a few words synthesised by espeak-ng in several voices, small enough
+for CI, see `espeak.py`) are audio, prepared the same way and loaded by `audio.load_audio_source`.
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ BUILTIN: dict[str, str] = {
              "(selfsup data prepare emoji)",
     "manpages": "~1,100 English Debian man pages as text, labelled by section (1-5, 7, 8), `package` subgroup "
                 "(selfsup data prepare manpages; a text corpus, see data/text.py)",
+    "klettres": "~1,800 human recordings of spoken letters and syllables, 16 kHz, ~1,150 classes, `language` (20) "
+                "and `kind` subgroups (selfsup data prepare klettres; audio, see data/audio.py)",
+    "espeak": "48 words synthesised by espeak-ng, 16 kHz, 6 classes, `voice` (4) and `speed` subgroups "
+              "(selfsup data prepare espeak; audio, for tests)",
 }
 # Built-ins made once by `selfsup data prepare NAME` before they can load (the CLI lists the same names).
-PREPARABLE: tuple[str, ...] = ("glyphs", "emoji", "manpages")
+PREPARABLE: tuple[str, ...] = ("glyphs", "emoji", "manpages", "klettres", "espeak")
 
 
 def builtin_available(name: str) -> tuple[bool, str]:
@@ -69,6 +77,14 @@ def builtin_available(name: str) -> tuple[bool, str]:
         from selfsup.data.builtins.manpages import manpages_status
 
         return manpages_status()
+    if name == "klettres":
+        from selfsup.data.builtins.klettres import klettres_status
+
+        return klettres_status()
+    if name == "espeak":
+        from selfsup.data.builtins.espeak import espeak_status
+
+        return espeak_status()
     return False, f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}"
 
 
@@ -91,6 +107,9 @@ def load_builtin(name: str, image_size: int, channels: int = 3) -> ImageSet:
     elif name == "manpages":
         raise SelfsupError("'manpages' is a text corpus, not images; use it with a text method, "
                            "or load it with selfsup.data.text.load_text_source")
+    elif name in ("klettres", "espeak"):
+        raise SelfsupError(f"'{name}' is audio, not images; use it with an audio method (data.modality=audio), "
+                           f"or load it with selfsup.data.audio.load_audio_source")
     else:
         raise SelfsupError(f"'{name}' is not a built-in dataset; built-in: {', '.join(BUILTIN)}")
     N, H, W = x.shape

@@ -1,8 +1,9 @@
-"""What the prepared built-in datasets (glyphs, emoji, man pages) share: their cache stamps and the
-test of whether a previous build is still fresh (`previous_stamp`, `is_fresh`), the versions of the
-Debian packages they are built from (which decide whether a cache is stale), the build into a
-temporary folder and its atomic swap into place (`build_into_place`), the progress bar of a long
-preparation, and the loading of a prepared image dataset (`load_prepared`)."""
+"""What the prepared built-in datasets (glyphs, emoji, man pages, klettres, espeak) share: their cache
+stamps and the test of whether a previous build is still fresh (`previous_stamp`, `is_fresh`), the
+versions of the Debian packages they are built from (which decide whether a cache is stale), the build
+into a temporary folder and its atomic swap into place (`build_into_place`), the progress bar of a long
+preparation, the loading of a prepared image dataset (`load_prepared`), and for the audio ones the
+16-bit WAV writer (`write_wav`) and the loading (`load_prepared_audio`)."""
 
 from __future__ import annotations
 
@@ -206,3 +207,41 @@ def _read_pixels(path: Path, manifest_paths: list[str], manifest: str) -> np.nda
         log.info("%s does not match %s row for row; decoding the PNGs instead", path, manifest)
         return None
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared audio (klettres, espeak)
+
+
+def write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> bool:
+    """float32 [T] -> a 16-bit PCM WAV file. A clip whose peak exceeds full scale (lossy decoders and
+    resampling can overshoot 1.0) is scaled down to fit rather than clipped; returns whether it was.
+    (Training normalises every clip, so its level carries no information.)"""
+    import soundfile
+
+    peak = float(np.abs(wave).max(initial=0.0))
+    scaled = peak > 1.0
+    if scaled:
+        wave = wave / peak
+    pcm = np.clip(np.round(wave * 32767.0), -32768, 32767).astype(np.int16)
+    soundfile.write(path, pcm, sample_rate, format="WAV", subtype="PCM_16")
+    return scaled
+
+
+def load_prepared_audio(folder: Path, manifest: str, stamp: str, group_columns: list[str], sample_rate: int,
+                        name: str, not_prepared: str, label_column: str = "label",
+                        label_columns: tuple[str, ...] = ("label",)) -> Any:
+    """A prepared audio dataset (an AudioSet) read back from `folder`'s manifest exactly as
+    `load_audio_source` reads any manifest (labels from `label_column`, which must be one of
+    `label_columns`; the `group_columns` as subgroups), resampled when `sample_rate` differs from the
+    prepared one. `not_prepared` says what to run when the manifest or the stamp is missing."""
+    from selfsup.data.audio import load_audio_source  # audio imports builtins (lazily), which import this module
+
+    if label_column not in label_columns:
+        raise SelfsupError(f"data.label_column={label_column}: the {name} dataset has no such column; its labels "
+                           f"can be: {', '.join(label_columns)}")
+    path = folder / manifest
+    if read_stamp(folder / stamp) is None or not path.is_file():
+        raise SelfsupError(f"the {name} dataset is not prepared ({path} is missing or incomplete): {not_prepared}")
+    data = load_audio_source(path, sample_rate=sample_rate, label_column=label_column, group_columns=group_columns)
+    return replace(data, source=f"builtin:{name}")

@@ -30,7 +30,7 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_builtin_names_are_described() -> None:
-    assert set(BUILTIN) == {"mnist", "digits", "glyphs", "emoji", "manpages"} and all(BUILTIN.values())
+    assert set(BUILTIN) == {"mnist", "digits", "glyphs", "emoji", "manpages", "klettres", "espeak"} and all(BUILTIN.values())
     assert builtin_available("digits") == (True, "bundled with scikit-learn")
     assert builtin_available("cifar")[0] is False
 

@@ -85,7 +85,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 def test_glyphs_is_registered_and_preparable() -> None:
     assert "glyphs" in BUILTIN and "prepare glyphs" in BUILTIN["glyphs"]
-    assert cli.PREPARABLE == builtins.PREPARABLE == ("glyphs", "emoji", "manpages")  # the CLI keeps its own copy to parse fast
+    assert cli.PREPARABLE == builtins.PREPARABLE == ("glyphs", "emoji", "manpages", "klettres", "espeak")  # the CLI keeps its own copy to parse fast
 
 
 def test_bad_settings_are_refused(font_dir: Path, tmp_path: Path) -> None:
