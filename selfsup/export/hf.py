@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,25 +174,37 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     model.load_state_dict(state, strict=True)
     model.eval()
 
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        _write_tokenizer(folder, tokenizer_path, tokenizer, encoder.max_len)
+        _write_readme(folder, out.name, architecture, encoder.max_len, str(meta.get("method", {}).get("name") or "?"))
+
+    return publish_export(transformers, out, write, lambda: _check_replaceable(out, overwrite))
+
+
+def publish_export(transformers: Any, out: Path, write: Callable[[Path], None], recheck: Callable[[], None]) -> Path:
+    """Builds an export with `write(folder)` in a temporary folder beside `out` and swaps it in.
+
+    Every file gets the umask's mode and is on disk before the rename makes it the export; `recheck`
+    runs just before the swap (a file may have been added to `out` meanwhile). A full disk, a
+    read-only or vanished parent is an error naming `out`: swap_dir has not touched it, or put it back.
+    """
     progress_bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # one small file: a "Writing shards" bar is noise
     replacing = out.is_dir() and any(out.iterdir())
     tmp: Path | None = None
     try:
         tmp = files.temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's mode, not mkdtemp's 0700
-        model.save_pretrained(tmp)
-        _write_tokenizer(tmp, tokenizer_path, tokenizer, encoder.max_len)
-        _write_readme(tmp, out.name, architecture, encoder.max_len, str(meta.get("method", {}).get("name") or "?"))
+        write(tmp)
         files.mark(tmp, _KIND)
         for path in tmp.iterdir():
             # safetensors (0.8) writes model.safetensors 0600 like mkstemp: give every file the
             # umask's mode, and get it on disk before the rename makes it the export.
             files.follow_umask(path)
             files.fsync_path(path)
-        _check_replaceable(out, overwrite)  # again: a file may have been added to `out` meanwhile
+        recheck()
         files.swap_dir(tmp, out)
     except (OSError, SafetensorError) as err:
-        # A full disk, a read-only or vanished parent: swap_dir has not touched `out`, or put it back.
         # safetensors reports its I/O errors as SafetensorError ("... I/O error: No space left on
         # device (os error 28)"), not OSError. A file is named without the temporary folder's path,
         # which no longer exists.

@@ -44,11 +44,9 @@ a SelfsupError naming `out` with the previous export left as it was.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
 from torch import Tensor
 
 from selfsup import files
@@ -118,36 +116,15 @@ def export_hf_audio(folder: Path, out: Path, *, overwrite: bool = False) -> Path
         feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True, return_attention_mask=True,
     )
 
-    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # one small file: a "Writing shards" bar is noise
-    replacing = out.is_dir() and any(out.iterdir())
-    tmp: Path | None = None
-    try:
-        tmp = files.temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's mode, not mkdtemp's 0700
-        model.save_pretrained(tmp)
-        extractor.save_pretrained(tmp)
-        _write_readme(tmp, out.name, config, method, encoder, sample_rate)
-        files.mark(tmp, _KIND)
-        for path in tmp.iterdir():
-            # safetensors writes model.safetensors 0600 like mkstemp: give every file the umask's
-            # mode, and get it on disk before the rename makes it the export.
-            files.follow_umask(path)
-            files.fsync_path(path)
-        files.claim_output(out, _KIND, known, overwrite=overwrite)  # again: a file may have been added meanwhile
-        files.swap_dir(tmp, out)
-    except (OSError, SafetensorError) as err:
-        # A full disk, a read-only or vanished parent: swap_dir has not touched `out`, or put it back.
-        # safetensors reports its I/O errors as SafetensorError, not OSError.
-        filename = getattr(err, "filename", None)
-        what = f"{getattr(err, 'strerror', None) or err}" + (f" writing {Path(filename).name}" if filename else "")
-        kept = "the previous export there is unchanged" if replacing else "nothing was written"
-        raise SelfsupError(f"{out}: cannot write the Hugging Face export ({what}); {kept}") from err
-    finally:
-        if tmp is not None and tmp.exists():  # gone once swapped in
-            shutil.rmtree(tmp, ignore_errors=True)
-        if progress_bars:
-            transformers.utils.logging.enable_progress_bar()
-    return out
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        extractor.save_pretrained(folder)
+        _write_readme(folder, out.name, config, method, encoder, sample_rate)
+
+    from selfsup.export.hf import publish_export
+
+    return publish_export(transformers, out, write,
+                          lambda: files.claim_output(out, _KIND, known, overwrite=overwrite))  # again, just before
 
 
 def _known_files() -> Any:
