@@ -55,9 +55,9 @@ How it is kept fair:
 
 Known differences (the implementations differ; the knobs do not):
 
-- Loss terms: selfsup = contrastive + 0.1 diversity + 10 x feature penalty (the paper's L2 penalty
-  on the conv features, which transformers does not implement); HF = contrastive + 0.1 diversity
-  (per masked frame after the division above). The JSON reports each term, and
+- Loss terms: selfsup = contrastive + alpha diversity (+ the paper's L2 feature penalty when its
+  weight is set; off by default, since it collapsed the codebook on KLettres), HF = contrastive +
+  alpha diversity with the same alpha (per masked frame after the division above). The JSON reports each term, and
   `contrastive_plus_diversity` on both sides as the comparable number.
 - Distractors: selfsup draws min(K, masked frames - 1) distinct other masked frames of the
   utterance; transformers (as fairseq) draws exactly K with replacement, so with K = 100 and about

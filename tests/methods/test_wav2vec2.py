@@ -112,7 +112,7 @@ def real_encoder():
 # -- the contrastive loss against the paper's equation -------------------------------------------
 
 
-def naive_contrastive(c_frames, q_frames, codes_frames, mask, distractors, kappa):
+def naive_contrastive(c_frames, q_frames, codes_frames, mask, distractors, kappa, drop_identical=True):
     """-log exp(sim(c_t, q_t)/κ) / Σ_{q̃ ∈ {q_t} ∪ Q_t} exp(sim(c_t, q̃)/κ), averaged over every masked
     frame of every utterance, with Q_t listed explicitly: for masked frame t, the frames named by
     distractors (slot k = the k-th masked frame of that utterance), skipping those whose codes equal
@@ -125,7 +125,8 @@ def naive_contrastive(c_frames, q_frames, codes_frames, mask, distractors, kappa
             assert t not in others, "a distractor is the positive"
             assert all(mask[b, u] for u in others), "a distractor is not a masked frame"
             assert len(set(others)) == len(others) == min(100, len(masked) - 1)
-            others = [u for u in others if not torch.equal(codes_frames[b, u], codes_frames[b, t])]
+            if drop_identical:
+                others = [u for u in others if not torch.equal(codes_frames[b, u], codes_frames[b, t])]
             checked += 1
             sim = lambda u: F.cosine_similarity(c_frames[b, t], q_frames[b, u], dim=0).item() / kappa  # noqa: E731
             numerator = math.exp(sim(t))
@@ -134,9 +135,10 @@ def naive_contrastive(c_frames, q_frames, codes_frames, mask, distractors, kappa
     return sum(losses) / len(losses), checked
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_contrastive_loss_matches_the_papers_equation(train):
-    method = stand_in(num_distractors=100, codebook_entries=4)  # few codes: identical distractors occur
+@pytest.mark.parametrize(("train", "drop_identical"), [(True, True), (False, True), (True, False)])
+def test_contrastive_loss_matches_the_papers_equation(train, drop_identical):
+    # Few codes (4 entries x 2 groups: 16 vectors): distractors identical to the positive occur.
+    method = stand_in(num_distractors=100, codebook_entries=4, drop_identical=drop_identical)
     method.train(train)
     batch = make_batch(B=3, T=6000, lengths=[6000, 4400, 2100])
     out = method(batch, 0.3)
@@ -152,7 +154,8 @@ def test_contrastive_loss_matches_the_papers_equation(train):
         q_frames[mask] = method.project_q(q_masked)
         codes_frames = torch.full((*mask.shape, 2), -1, dtype=torch.long)
         codes_frames[mask] = diag["codes"]
-        expected, checked = naive_contrastive(method.project_c(context), q_frames, codes_frames, mask, distractors, 0.1)
+        expected, checked = naive_contrastive(method.project_c(context), q_frames, codes_frames, mask, distractors, 0.1,
+                                              drop_identical)
     assert checked == int(mask.sum()) > 20
     assert abs(out["contrastive"].item() - expected) < 1e-4 * max(1.0, expected)
     # Some distractor was left out for having the positive's codes (4 entries x 2 groups: 16 vectors).
@@ -248,11 +251,11 @@ def test_padding_changes_nothing(which):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
-def test_distractors_and_penalty_weights():
+def test_loss_weights():
     method = stand_in(diversity_weight=0.0, feature_penalty=0.0)
     out = method(make_batch(), 0.0)
     assert torch.isclose(out["loss"], out["contrastive"])
-    method = stand_in()
+    method = stand_in(diversity_weight=0.1, feature_penalty=10.0)  # the paper's weights
     out = method(make_batch(), 0.0)
     expected = out["contrastive"] + 0.1 * out["diversity"] + 10 * out["feature_penalty"]
     assert torch.isclose(out["loss"], expected, atol=1e-5)
