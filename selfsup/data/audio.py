@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfsup.data.decode import _BadFile, _BadFilePolicy, _decode_files, _FileKind
+from selfsup.data.decode import _BadFile, _BadFilePolicy, _decode_files, _FileKind, check_bad_file_settings
 from selfsup.data.sources import (_cell, _folder_labels, _manifest_group_columns, _manifest_items, _manifest_labels,
                                   _read_manifest_rows, walk_files)
 from selfsup.errors import SelfsupError
@@ -143,10 +143,7 @@ def load_audio_source(
         raise SelfsupError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if not (isinstance(max_file_seconds, (int, float)) and max_file_seconds > 0 and np.isfinite(max_file_seconds)):
         raise SelfsupError(f"max_file_seconds must be a positive number, got {max_file_seconds!r}")
-    if on_bad not in ("error", "skip"):
-        raise SelfsupError(f"on_bad_file must be 'error' or 'skip', got {on_bad!r}")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise SelfsupError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction!r}")
+    check_bad_file_settings(on_bad, max_bad_fraction)
 
     if source in AUDIO_BUILTINS:
         return load_audio_builtin(source, sample_rate, label_column)

@@ -48,6 +48,14 @@ class _BadFilePolicy:
     max_bad_fraction: float
 
 
+def check_bad_file_settings(on_bad: str, max_bad_fraction: float) -> None:
+    """The `data.on_bad_file` / `data.max_bad_fraction` pair every source loader takes, checked once."""
+    if on_bad not in ("error", "skip"):
+        raise SelfsupError(f"on_bad_file must be 'error' or 'skip', got {on_bad!r}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise SelfsupError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction!r}")
+
+
 def _decode(path: Path, image_size: int, channels: int) -> np.ndarray:
     """One file -> uint8 [channels, S, S], or _BadFile with a reason."""
     try:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfsup.data.decode import _BadFilePolicy
+from selfsup.data.decode import _BadFilePolicy, check_bad_file_settings
 from selfsup.errors import SelfsupError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -114,10 +114,7 @@ def load_image_source(
         raise SelfsupError(f"image_size must be a positive integer, got {image_size!r}")
     if channels not in (1, 3):
         raise SelfsupError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
-    if on_bad not in ("error", "skip"):
-        raise SelfsupError(f"on_bad_file must be 'error' or 'skip', got {on_bad!r}")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise SelfsupError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction!r}")
+    check_bad_file_settings(on_bad, max_bad_fraction)
 
     if source in BUILTIN:
         return load_builtin(source, image_size, channels)
