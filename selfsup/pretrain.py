@@ -174,7 +174,8 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
              runtime.device, runtime.world_size)
     if runtime.is_main and (read_marker(out) or {}).get("state") == STARTING:
         update_marker(out, state=TRAINING)
-    first_role = next(role for role, (_, m) in tower_sections(cfg).items() if m == modality.name)
+    # the tower the monitor watches: the first that reads the data's modality (a pair modality: the first)
+    first_role = next((role for role, (_, m) in tower_sections(cfg).items() if m == modality.name), spec.roles[0])
     result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
                  monitor=parts.monitor(runtime, lambda m: getattr(m, first_role)), stop_after=stop_after, stop=stop)
     first = tower_sections(cfg)[spec.roles[0]][1]
@@ -207,6 +208,9 @@ def _save_towers(out: Path, cfg: RunConfig, spec: MethodSpec, method: nn.Module,
         if folder != out:  # the run's own copy is at the top already (written during assembly)
             for name, write in parts.tower_files.get(modality, {}).items():
                 write(folder)
+    save = getattr(method, "save_artifacts", None)
+    if save is not None:
+        save(out)  # trained artifacts (CLIP's projections); fitted ones (BEiT's tokens) again, unchanged
 
 
 def _fit_targets(method: nn.Module, parts: Assembly, cfg: RunConfig, out: Path, runtime: Runtime,

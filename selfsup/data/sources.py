@@ -73,8 +73,9 @@ def _folder_labels(relative: list[str], kept: list[int]) -> tuple[torch.Tensor |
 # Manifests
 
 
-def _read_manifest_rows(manifest: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, row) pairs and the column names, from a .csv or .jsonl manifest."""
+def _read_manifest_rows(manifest: Path, required: str | None = "path") -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) pairs and the column names, from a .csv or .jsonl manifest (which must have
+    the column `required`, when given)."""
     rows: list[tuple[int, dict]] = []
     try:
         with open(manifest, encoding="utf-8-sig", newline="") as fh:
@@ -100,8 +101,8 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[tuple[int, dict]], list[st
                     rows.append((line_number, row))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise SelfsupError(f"{manifest}: cannot read manifest ({err})") from None
-    if "path" not in columns:
-        raise SelfsupError(f"{manifest}: no 'path' column; columns are: {', '.join(columns) or '(none)'}")
+    if required is not None and required not in columns:
+        raise SelfsupError(f"{manifest}: no '{required}' column; columns are: {', '.join(columns) or '(none)'}")
     return rows, columns
 
 

@@ -71,6 +71,20 @@ ENCODERS: dict[str, EncoderSpec] = {
         "exports as GPT-2)",
         "text", TEXT_INPUTS,
     ),
+    # CLIP's two towers at CPU sizes: a ViT with the pre-encoder LayerNorm and a causal text
+    # transformer pooled at its last real token (the end-of-text token CLIP captions end with).
+    "clip_vit": EncoderSpec(
+        ViTConfig, ViT, {"patch_size": 4, "dim": 192, "depth": 6, "heads": 3, "mlp_ratio": 4.0, "pre_norm": True},
+        "CLIP image tower (ViT patch 4, dim 192, depth 6, 3 heads, pre-encoder LayerNorm, 2.7M params; "
+        "with clip_text exports as CLIPModel)",
+    ),
+    "clip_text": EncoderSpec(
+        TextTransformerConfig, TextTransformer,
+        {"dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0, "positions": "learned", "causal": True, "pool": "last"},
+        "CLIP text tower (causal, dim 192, depth 4, 3 heads, FFN 768, learned positions, pooled at the "
+        "end-of-text token; with clip_vit exports as CLIPModel)",
+        "text", TEXT_INPUTS,
+    ),
     # wav2vec 2.0's encoder (also HuBERT's) at CPU sizes; the paper's BASE is the config defaults
     # (conv 512, dim 768, 12 blocks, 12 heads, FFN 3072, pos conv 128/16: 94.4M params).
     "wav2vec2_tiny": EncoderSpec(

@@ -18,6 +18,8 @@ Design choices:
   positions are added, as MAE's encoder does: it then runs on the visible quarter of the patches
   only, which is where MAE's 3-4x speed-up comes from. Dropping needs the same number of masked
   patches in every row (`nn.masking.random_mask` guarantees it).
+- `pre_norm` adds a LayerNorm on the tokens (positions included) before the first block, as CLIP's
+  image tower has (`ln_pre`), so that a CLIP run's image tower maps exactly onto CLIPVisionModel.
 - Positions are learned (`positions="learned"`) or the fixed 2-D sine-cosine table MAE uses
   (`"sincos"`, computed on the fly: nothing to learn or save). Learned positions are built for
   `image_size`; other input sizes (DINO's local crops) get the patch-grid positions resized
@@ -66,6 +68,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # hidden width of each block's MLP, as a multiple of dim
     pool: str = "cls"  # what embed() returns: "cls" = the [CLS] token, "mean" = the average of the patch tokens
     positions: str = "learned"  # "learned" position embeddings, or MAE's fixed 2-D "sincos" table
+    pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre; exports as CLIPVisionModel)
 
     def __post_init__(self) -> None:
         for key in ("patch_size", "dim", "depth", "heads"):
@@ -83,6 +86,8 @@ class ViTConfig:
             raise SelfsupError(f"encoder config key 'pool' must be one of {list(POOLS)}, got {self.pool!r}")
         if self.positions not in POSITIONS:
             raise SelfsupError(f"encoder config key 'positions' must be one of {list(POSITIONS)}, got {self.positions!r}")
+        if not isinstance(self.pre_norm, bool):
+            raise SelfsupError(f"encoder config key 'pre_norm' must be true or false, got {self.pre_norm!r}")
         if self.positions == "sincos" and self.dim % 4 != 0:
             raise SelfsupError(f"encoder config key 'dim' ({self.dim}) must be a multiple of 4 with positions='sincos'")
 
@@ -115,6 +120,7 @@ class ViT(nn.Module):
         self.pos_embed: nn.Parameter | None = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.dim))
+        self.pre_norm: nn.LayerNorm | None = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self._init_weights()
@@ -191,6 +197,8 @@ class ViT(nn.Module):
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
             tokens = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # [B, 1 + N, D]
             tokens = tokens + positions
+        if self.pre_norm is not None:
+            tokens = self.pre_norm(tokens)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)

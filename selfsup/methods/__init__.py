@@ -22,7 +22,7 @@ from torch import nn
 
 from selfsup.config import from_dict, nearest
 from selfsup.errors import SelfsupError
-from selfsup.methods import beit, byol, colorize, dino, hubert, mae, mlm, next_token, simclr, wav2vec2
+from selfsup.methods import beit, byol, clip, colorize, dino, hubert, mae, mlm, next_token, simclr, wav2vec2
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class MethodSpec:
     cls: type[nn.Module]  # the method module: __init__(cfg, encoder), forward(batch, progress) -> dict
     # What the batch must carry: "views" = augmented views of each image; "tokens" = packed token
     # blocks (input_ids, token_mask, document_ids, optional attention_mask/position_ids, generator);
-    # "audio" = padded 16 kHz clips (audio, lengths, generator).
-    inputs: Literal["views", "tokens", "audio"]
+    # "audio" = padded 16 kHz clips (audio, lengths, generator); "pairs" = an image view and a caption
+    # per image–text pair (views, input_ids, attention_mask, generator).
+    inputs: Literal["views", "tokens", "audio", "pairs"]
     summary: str  # one line for `--help`
     modality: str = "image"  # the data it trains on unless `data.modality` says otherwise
     views: dict[str, Any] = field(default_factory=dict)  # the method's view recipe: defaults under the user's `views:`
@@ -93,6 +94,11 @@ METHODS: dict[str, MethodSpec] = {
                          "HuBERT (Hsu et al. 2021): predict the k-means clusters (MFCC, or a run's layer) of span-masked frames",
                          modality="audio", encoder="wav2vec2_tiny", artifacts=(hubert.HUBERT_TARGETS_FILE,),
                          hf_model="HubertModel"),
+    "clip": MethodSpec(clip.Config, clip.CLIP, "pairs",
+                       "CLIP (Radford et al. 2021): align an image and a text tower with the symmetric InfoNCE of matching pairs",
+                       modality="image_text", towers={"image": "clip_vit", "text": "clip_text"},
+                       tower_modalities={"image": "image", "text": "text"}, tokenizer="bpe", artifacts=(clip.HEAD_FILE,),
+                       batch_coupling="CLIP's negatives (the other pairs of the batch)", hf_model="CLIPModel"),
 }
 
 

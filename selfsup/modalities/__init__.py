@@ -15,12 +15,14 @@ from selfsup.errors import SelfsupError
 from selfsup.modalities.audio import AudioModality
 from selfsup.modalities.base import Modality, Reader
 from selfsup.modalities.image import ImageModality
+from selfsup.modalities.image_text import ImageTextModality
 from selfsup.modalities.text import TextModality
 
 MODALITIES: dict[str, Modality] = {
     "image": ImageModality(),
     "text": TextModality(),
     "audio": AudioModality(),
+    "image_text": ImageTextModality(),
 }
 
 

@@ -52,7 +52,7 @@ def close(a: Tensor, b: Tensor, tol: float = 1e-5) -> None:
 
 
 def test_text_presets_are_registered() -> None:
-    assert TEXT_NAMES == ["text_decoder", "text_encoder"]
+    assert TEXT_NAMES == ["clip_text", "text_decoder", "text_encoder"]
     base = dict(dim=256, depth=4, heads=4, mlp_ratio=4.0, positions="learned", tie_embeddings=True)
     assert encoder_config("text_encoder") == TextTransformerConfig(**base, causal=False, embed_norm=True,
                                                                    lm_transform=True)

@@ -19,7 +19,7 @@ from selfsup.data.audio import load_audio_source
 from selfsup.data.builtins import BUILTIN, builtin_available
 from selfsup.data.builtins import klettres
 from selfsup.data.builtins.klettres import (MANIFEST, MANIFEST_COLUMNS, PREPARE_COMMAND, STAMP, find_data_dir,
-                                            klettres_dir, list_sounds, load_klettres, prepare_klettres)
+                                            klettres_dir, list_sounds, load_klettres, prepare_klettres, syllable_vowel)
 from selfsup.data.images import load_image_source
 from selfsup.errors import SelfsupError
 
@@ -172,7 +172,10 @@ def test_prepare_a_sample_then_reuse_and_load(data_dir: Path, private_cache: Pat
     by_letter = load_audio_source("klettres", label_column="letter")  # syllables unlabelled, letters labelled
     is_letter = torch.tensor([kind == "letter" for kind in data.groups["kind"]])
     assert torch.equal(by_letter.labels >= 0, is_letter)
-    with pytest.raises(SelfsupError, match="label_column=speaker.*label, letter, language, kind"):
+    by_vowel = load_audio_source("klettres", label_column="vowel")  # consonant-vowel syllables only
+    assert set(by_vowel.classes or []) <= set("aeiou")
+    assert all(kind == "syllable" for kind, y in zip(data.groups["kind"], by_vowel.labels) if y >= 0)
+    with pytest.raises(SelfsupError, match="label_column=speaker.*label, letter, vowel, language, kind"):
         load_audio_source("klettres", label_column="speaker")
     at_8k = load_klettres(sample_rate=8000)
     assert all(abs(len(w8) - len(w) / 2) <= 1 for w8, w in zip(at_8k.waves, data.waves))
@@ -188,3 +191,13 @@ def test_cli_prepares_all_of_it(data_dir: Path, private_cache: Path, capsys: pyt
     assert len(data.classes) > 1000 and data.seconds() > 45 * 60
     assert cli.main(["data", "prepare", "klettres"]) == 0
     assert "already prepared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("label, vowel", [
+    ("BA", "a"), ("MÁ", "a"), ("ŘE", "e"), ("MÃ", "a"), ("ДО", "o"), ("ЖИ", "i"), ("БІ", "i"), ("ДЫ", "i"),
+    ("കീ", "i"), ("കാ", "a"), ("കൊ", "o"),
+    # not a consonant-vowel syllable, or a vowel of another quality: unlabelled
+    ("AD", ""), ("HAUS", ""), ("CH", ""), ("BÅ", ""), ("BÜ", ""), ("YA", ""), ("ЙО", ""), ("БЯ", ""),
+    ("കൈ", ""), ("അ", ""), ("אב", ""), ("A", ""), ("", "")])
+def test_syllable_vowel(label: str, vowel: str) -> None:
+    assert syllable_vowel(label) == vowel
