@@ -57,13 +57,26 @@ faults: setup
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.stamp
 
+BENCH_TORCH := torch==2.14.1 torchvision==0.29.1
+OPEN_CLIP_STAMP := $(BENCH_VENV)/.stamp-open-clip
+
 $(BENCH_STAMP):
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 lightly==1.6.0
+	$(BENCH_VENV)/bin/pip install --quiet $(BENCH_TORCH) lightly==1.6.0
 	touch $@
 
-bench: setup $(BENCH_STAMP)
+# open_clip (bench/clip.py's peer) needs torchvision and timm: into the same environment, its own stamp
+# so that an environment built before it gets it too. Torch and torchvision are named with their pins
+# in the same command so that pip can only keep them; the import check fails the target if it changed them.
+$(OPEN_CLIP_STAMP): $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/pip install --quiet $(BENCH_TORCH) open-clip-torch==3.3.0 timm==1.0.29
+	$(BENCH_VENV)/bin/python -c "import torch, torchvision, open_clip; \
+		assert (torch.__version__.split('+')[0], torchvision.__version__.split('+')[0]) == ('2.14.1', '0.29.1'), \
+		(torch.__version__, torchvision.__version__)"
+	touch $@
+
+bench: setup $(BENCH_STAMP) $(OPEN_CLIP_STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	mkdir -p runs
 	$(BIN)/python bench/threads.py | tee runs/bench.jsonl
@@ -71,6 +84,7 @@ bench: setup $(BENCH_STAMP)
 	$(BIN)/python bench/vision.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
 	$(BIN)/python bench/text.py | tee -a runs/bench.jsonl
 	$(BIN)/python bench/speech.py | tee -a runs/bench.jsonl
+	$(BIN)/python bench/clip.py --peer-python $(BENCH_VENV)/bin/python | tee -a runs/bench.jsonl
 	$(BIN)/python bench/objectives.py | tee -a runs/bench.jsonl
 
 clean:

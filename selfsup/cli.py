@@ -174,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled or unlabelled source to predict (default: the held-out rows)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: TASK/predictions.csv)")
 
+    p = sub.add_parser("zeroshot", help="classify images by naming their classes in words, and retrieve across "
+                       "modalities, with an image–text run (CLIP)",
+                       description="Zero-shot classification of a CLIP run's held-out images (or every row of --data): "
+                       "each class name in every --template, embedded by the text tower and averaged; predictions "
+                       "in `selfsup predict`'s CSV layout (audit them with `selfsup evaluate --predictions`); "
+                       "retrieval recall@1/5/10 image->text and text->image on the same rows' pairs.")
+    p.add_argument("run", type=Path, help="a finished image–text pretraining run (method.name=clip)")
+    p.add_argument("--data", help="labelled source to classify instead of the run's held-out rows (all its rows)")
+    p.add_argument("--template", nargs="+", default=None, metavar="TEXT",
+                   help='prompt templates with {} for the class name, averaged (default "{}"), e.g. "an emoji of {}."')
+    p.add_argument("--describe", nargs="+", default=[], metavar="CLASS=TEXT",
+                   help='words to prompt with instead of a class\'s name, several joined by | and averaged, '
+                   'e.g. "Flags=flag" "People & Body=person|hand"')
+    p.add_argument("--out", type=Path, default=None, help="folder for predictions.csv and zeroshot.json (default RUN/zeroshot)")
+    p.add_argument("--compare-untrained", action="store_true",
+                   help="also score the towers as pretraining began (same architecture and seed)")
+
     p = sub.add_parser("evaluate", help="audit an adapted classifier per subgroup, find failing slices, diagnose features",
                        description="Score a `selfsup adapt` output on its held-out rows (or every row of --data): "
                        "accuracy, macro-F1 and calibration overall and per group with bootstrap intervals and "
@@ -321,6 +338,10 @@ def _dispatch(args: argparse.Namespace, exit_interrupted: int, interrupted: type
             from selfsup.commands import run_predict
 
             run_predict(args)
+        elif args.command == "zeroshot":
+            from selfsup.commands import run_zeroshot
+
+            run_zeroshot(args)
         elif args.command == "evaluate":
             from selfsup.commands import run_evaluate
 

@@ -114,6 +114,14 @@ def run_predict(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def run_zeroshot(args: argparse.Namespace) -> None:
+    from selfsup.evaluate.zeroshot import parse_descriptions, zero_shot
+
+    result = zero_shot(args.run, data=args.data, templates=args.template, names=parse_descriptions(args.describe),
+                       out=args.out, compare_untrained=args.compare_untrained)
+    print(result["text"])
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     from selfsup.evaluate.audit import EVAL_DIR, evaluate_predictions, evaluate_task
     from selfsup.evaluate.subgroups import format_subgroups
@@ -168,6 +176,14 @@ def run_report(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from selfsup.rundir import resolve_tower
 
+    if args.format == "hf" and args.tower is None:
+        from selfsup.export.hf_clip import export_hf_clip, is_clip_run
+
+        if is_clip_run(Path(args.run)):  # both towers and the head, as one CLIPModel
+            out = export_hf_clip(Path(args.run), args.out, overwrite=args.overwrite)
+            print(f"wrote {out}: load it with transformers' CLIPModel.from_pretrained({str(out)!r}), or "
+                  f"pipeline('zero-shot-image-classification', model={str(out)!r})")
+            return
     folder, _ = resolve_tower(Path(args.run), args.tower)
     if args.format == "encoder":
         from selfsup.export.encoder import export_encoder

@@ -409,6 +409,9 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
     encoder_name = _name(section, key)
     encoder_knobs = {k: v for k, v in section.items() if k != "name"}
     method = cfg.method["name"]
+    if encoder_name.startswith(HF_TOWER_PREFIX):
+        _validate_hf_tower(key, encoder_name, encoder_knobs, modality, spec)
+        return
     if encoder_name in ENCODERS and ENCODERS[encoder_name].modality != modality:
         fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
         raise SelfsupError(f"method `{method}` trains a {modality} encoder, but `{key}.name={encoder_name}` "
@@ -430,6 +433,28 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
         need = "causal (each token sees only earlier tokens)" if spec.causal else "bidirectional"
         raise SelfsupError(f"method `{method}` needs a {need} encoder: set `{key}.causal={str(spec.causal).lower()}` "
                            f"or use `{key}.name={spec.encoder}`")
+
+
+HF_TOWER_PREFIX = "hf:"  # `encoders.ROLE.name=hf:DIR`: a tower that starts from a local Hugging Face model
+
+
+def _validate_hf_tower(key: str, name: str, knobs: dict[str, Any], modality: str, spec: Any) -> None:
+    """A tower from a Hugging Face folder: it exists, holds what that modality reads, takes no knobs."""
+    from selfsup.encoders.hf import hf_reads_audio
+
+    folder = Path(name.removeprefix(HF_TOWER_PREFIX)).expanduser()
+    if not (folder / "config.json").is_file():
+        raise SelfsupError(f"`{key}.name={name}`: {folder / 'config.json'} not found; give a local folder that "
+                           "transformers' AutoModel loads (config.json, model.safetensors, tokenizer.json)")
+    if knobs:
+        raise SelfsupError(f"`{key}.{next(iter(knobs))}`: a Hugging Face tower's architecture is its config.json; "
+                           f"drop the `{key}.*` knobs")
+    reads = "audio" if hf_reads_audio(folder) else "text"
+    if reads != modality:
+        raise SelfsupError(f"`{key}.name={name}` is a {reads} model, but this tower reads {modality}")
+    if spec.causal is not None:
+        raise SelfsupError(f"`{key}.name={name}`: this method trains its text encoder's own outputs (masked or next "
+                           "tokens); a Hugging Face tower is for methods that only embed, such as CLIP's text tower")
 
 
 def _name(section: dict[str, Any], key: str) -> str:

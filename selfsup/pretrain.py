@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.config import RunConfig, dump_config, load_config, to_dict
-from selfsup.encoders import build_encoder, describe_encoder
+from selfsup.config import HF_TOWER_PREFIX, RunConfig, dump_config, load_config, to_dict
+from selfsup.encoders import build_seeded, describe_encoder
+from selfsup.encoders.hf import hf_description
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder, save_encoder
 from selfsup.files import read_marker, update_marker, write_atomic
@@ -58,14 +59,16 @@ def build_towers(cfg: RunConfig, inputs: dict[str, dict[str, int]]) -> tuple[dic
     descriptions = {}
     for role, (section, modality) in tower_sections(cfg).items():
         knobs = {k: v for k, v in section.items() if k != "name"}
-        descriptions[role] = describe_encoder(section["name"], **inputs[modality], **knobs)
+        if section["name"].startswith(HF_TOWER_PREFIX):  # a local Hugging Face model, its weights included
+            descriptions[role] = hf_description(Path(section["name"].removeprefix(HF_TOWER_PREFIX)).expanduser())
+        else:
+            descriptions[role] = describe_encoder(section["name"], **inputs[modality], **knobs)
     return untrained_towers(cfg, descriptions), descriptions
 
 
 def untrained_towers(cfg: RunConfig, descriptions: dict[str, dict]) -> dict[str, nn.Module]:
     """The weights pretraining began from: the same seed, the same order of construction."""
-    torch.manual_seed(cfg.seed)
-    return {role: build_encoder(**description) for role, description in descriptions.items()}
+    return build_seeded(cfg.seed, descriptions)
 
 
 def untrained_tower(run: Path, cfg: RunConfig, role: str) -> nn.Module:

@@ -39,6 +39,9 @@ STARTING, TRAINING = "starting", "training"  # the marker's `state`: a run that 
 SINGLE = "encoder"  # the role of a single-tower method's encoder
 
 
+ZEROSHOT_DIR = "zeroshot"  # `selfsup zeroshot`'s output inside a run (predictions.csv, zeroshot.json)
+
+
 def run_files() -> Callable[[str], bool]:
     """What a run directory may hold: selfsup's own files, written by pretrain, probe, demo and report."""
     from selfsup.methods import METHODS
@@ -47,7 +50,7 @@ def run_files() -> Callable[[str], bool]:
 
     artifacts = [name for spec in METHODS.values() for name in spec.artifacts]
     return names_in(CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, TOWERS_DIR, WEIGHTS, META, REPORT_FILE, "report.png",
-                    "results.json", "probe.json", "tensorboard", TOKENIZER_FILE, PREVIEWS_FILE, *artifacts)
+                    "results.json", "probe.json", "tensorboard", TOKENIZER_FILE, PREVIEWS_FILE, ZEROSHOT_DIR, *artifacts)
 
 
 def tower_dir(run: Path, role: str, roles: tuple[str, ...]) -> Path:

@@ -116,6 +116,9 @@ def _fit_logistic(
         model.set_params(C=c)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # a few labels of many classes (a 10 % probe of a long-tailed set) is a classification
+        # problem still: sklearn's "could represent a regression problem" is noise here
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
         model.fit(x, y)
     if int(np.max(model.n_iter_)) >= max_iter:
         level = logging.DEBUG if _convergence_warned else logging.WARNING

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from selfsup.data.decode import _BadFile, _BadFilePolicy, _decode_files, _FileKind, check_bad_file_settings
 from selfsup.data.sources import (_cell, _folder_labels, _manifest_group_columns, _manifest_items, _manifest_labels,
-                                  _read_manifest_rows, walk_files)
+                                  _read_manifest_rows, check_label_column, walk_files)
 from selfsup.errors import SelfsupError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
@@ -203,6 +203,7 @@ def _load_manifest(manifest: Path, decode: _Decoder, policy: _BadFilePolicy, lab
     rows, columns = _read_manifest_rows(manifest)
     if not rows:
         raise SelfsupError(f"{manifest}: the manifest lists no audio files")
+    check_label_column(manifest, columns, label_column)
     group_columns = _manifest_group_columns(manifest, columns, group_columns)
     items, ids = _manifest_items(manifest, rows)
     kept, waves, bad = _decode_files(items, decode, policy, progress, AUDIO_FILES)

@@ -127,17 +127,21 @@ def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_fie
         raise SelfsupError(f"{manifest}: image–text pairs need an image column ({' or '.join(IMAGE_COLUMNS)}) and a "
                            f"caption column ({' or '.join(dict.fromkeys((text_field, *CAPTION_COLUMNS)))}); "
                            f"columns are: {', '.join(columns) or '(none)'}")
+    if not rows:
+        raise SelfsupError(f"{manifest}: the manifest lists no image–caption pairs")
     group_columns = _manifest_group_columns(manifest, columns, group_columns)
-    first_row: dict[str, int] = {}  # image as written -> index into `images`
+    first_row: dict[str, int] = {}  # the file an image cell names -> index into `images`
     images: list[tuple[int, dict]] = []
     captions: list[list[str]] = []
     for line_number, row in rows:
         written = _cell(row, image_column)
         texts = _captions(row.get(caption_column), f"{manifest}:{line_number}", caption_column)
-        if written in first_row:
-            captions[first_row[written]].extend(texts)
+        # the same file however it is written ("img/a.png", "./img/a.png", its absolute path) is one image
+        key = os.path.normpath(manifest.parent.resolve() / written) if written else ""
+        if key in first_row:
+            captions[first_row[key]].extend(texts)
             continue
-        first_row[written] = len(images)
+        first_row[key] = len(images)
         images.append((line_number, {**row, "path": written}))
         captions.append(texts)
     items, ids = _manifest_items(manifest, images)

@@ -24,6 +24,8 @@ from selfsup.data.decode import _BadFilePolicy, _decode_all
 from selfsup.data.images import IMAGE_EXTENSIONS, ImageSet, images_from_array
 from selfsup.errors import SelfsupError
 
+DEFAULT_LABEL_COLUMN = "label"  # a manifest without it is unlabelled; any other label column must exist
+
 # ---------------------------------------------------------------------------------------------
 # Folders
 
@@ -128,6 +130,7 @@ def _load_manifest(manifest: Path, image_size: int, channels: int, policy: _BadF
     rows, columns = _read_manifest_rows(manifest)
     if not rows:
         raise SelfsupError(f"{manifest}: the manifest lists no images")
+    check_label_column(manifest, columns, label_column)
     group_columns = _manifest_group_columns(manifest, columns, group_columns)
     items, ids = _manifest_items(manifest, rows)
     kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
@@ -174,10 +177,18 @@ def _manifest_items(manifest: Path, rows: list[tuple[int, dict]]) -> tuple[list[
     return items, ids
 
 
+def check_label_column(manifest: Path, columns: list[str], label_column: str) -> None:
+    """A manifest without a `label` column is unlabelled data; any other label column was asked for by
+    name (data.label_column, or a run's when probing another source), so its absence is an error."""
+    if label_column not in columns and label_column != DEFAULT_LABEL_COLUMN:
+        raise SelfsupError(f"{manifest}: no label column {label_column!r} (data.label_column); the columns are: "
+                           f"{', '.join(columns)}")
+
+
 def _manifest_labels(rows: list[tuple[int, dict]], columns: list[str],
                      label_column: str) -> tuple[torch.Tensor | None, list[str] | None]:
     """(labels int64 [N], classes) from `label_column` (an empty cell is -1, unlabelled), or (None, None)
-    when the manifest has no such column."""
+    when the manifest has no such column (`check_label_column` has refused a missing non-default one)."""
     if label_column not in columns:
         return None, None
     names = [_cell(row, label_column) for _, row in rows]

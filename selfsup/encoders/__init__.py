@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from selfsup.encoders.audio import AudioEncoder, AudioEncoderConfig
@@ -106,6 +107,11 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+# Descriptions of Hugging Face encoders (`hf:DIR` bases and towers): rebuilt from their config by
+# encoders/hf.py rather than from a preset here.
+HF_ENCODERS = ("hf", "hf_audio")
+
+
 def _spec(name: str) -> EncoderSpec:
     """The registry entry for `name`, or an error that suggests the nearest registered name."""
     if name in ENCODERS:
@@ -163,9 +169,28 @@ def build_encoder(name: str, *, config: dict | None = None, **given: Any) -> nn.
     to the preset, overrides last, so `build_encoder(**describe_encoder(...))` rebuilds the same
     architecture. ResNets accept any image size and ignore `image_size`.
     """
+    if name in HF_ENCODERS:  # a Hugging Face model described by its own config (encoders/hf.py)
+        from selfsup.encoders.hf import build_hf_encoder
+
+        return build_hf_encoder({"name": name, "config": config or {}})
     inputs, overrides = _split_inputs(name, given)
     cfg = encoder_config(name, {**(config or {}), **overrides})
     return _spec(name).module_type(cfg, **inputs)
+
+
+def build_seeded(seed: int, descriptions: dict[str, dict]) -> dict[str, nn.Module]:
+    """The encoders of `descriptions` (role -> description) built in order after seeding torch with
+    `seed`: a run's towers as pretraining began, rebuilt identically by anyone who has the descriptions.
+    What is built next from the same random stream (a method's heads) is identical too."""
+    from selfsup.encoders.hf import load_source_weights
+
+    torch.manual_seed(seed)
+    built = {}
+    for role, description in descriptions.items():
+        built[role] = build_encoder(**{k: v for k, v in description.items() if k != "source"})
+        if description.get("source") is not None:  # a Hugging Face tower starts from its folder's weights
+            load_source_weights(built[role], description)
+    return built
 
 
 def describe_encoder(name: str, **given: Any) -> dict:

@@ -30,6 +30,7 @@ Deviations from the paper:
 - Augmentation is a random resized crop of 90-100 % of the image (open_clip's default; the paper
   uses a random square crop), no flips (captions name sides).
 - Projections initialised N(0, width^-1/2) as in OpenAI's released code.
+- A text tower with a language-model head (text_encoder's MLM head) keeps it frozen and unused.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from selfsup.errors import SelfsupError
 from selfsup.files import write_with
 
 HEAD_FILE = "clip_head.safetensors"  # the projections and the logit scale, beside the towers
+# Parts of a tower that `embed` never reaches (a text encoder's language-model head, e.g.
+# text_encoder's MLM head): frozen, so that every trainable parameter gets a gradient (DDP fails on
+# one that does not) and the head is saved as it was.
+UNUSED_PARTS = ("lm_weight", "lm_transform", "lm_bias")
 
 
 @dataclass
@@ -67,6 +72,9 @@ class Config:
             raise SelfsupError(f"method.init_temperature must be positive, got {self.init_temperature!r}")
         if not self.max_logit_scale > 1:
             raise SelfsupError(f"method.max_logit_scale must be above 1, got {self.max_logit_scale!r}")
+        for key in ("image_init", "text_init"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise SelfsupError(f"method.{key} is empty; give RUN or RUN:TOWER (or leave it unset)")
         if 1 / self.init_temperature > self.max_logit_scale:
             raise SelfsupError(f"method.init_temperature={self.init_temperature} starts above the clamp "
                                f"(1/t > max_logit_scale={self.max_logit_scale}); raise it")
@@ -112,6 +120,10 @@ class CLIP(nn.Module):
         for tower, locked in ((image, cfg.lock_image), (text, cfg.lock_text)):
             if locked:
                 tower.requires_grad_(False)
+            for name in UNUSED_PARTS:
+                part = getattr(tower, name, None)
+                if part is not None:
+                    part.requires_grad_(False)
 
     @property
     def fits_targets(self) -> bool:

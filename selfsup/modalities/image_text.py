@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.config import RunConfig, from_dict
+from selfsup.config import HF_TOWER_PREFIX, RunConfig, from_dict
 from selfsup.data.pairs import PairSet, load_pair_source
 from selfsup.data.pipeline import channel_stats
 from selfsup.data.tokenizer import TextTokenizer
@@ -48,13 +48,16 @@ _SIZE, _VOCAB, _SEQ = 16, 50, 10  # contract-test sizes
 
 
 def caption_ids(tokenizer: TextTokenizer, captions: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
-    """(input_ids [B, L], attention_mask bool [B, L]): each caption's tokens cut to seq_len - 1 and
-    ended with the end-of-text token (the text tower pools there), right-padded to the longest (L)."""
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.packing_bounds[1]
+    """(input_ids [B, L], attention_mask bool [B, L]): each caption's tokens wrapped as the tokenizer
+    wraps a document (BPE: then <|endoftext|>, where the text tower pools; WordPiece: [CLS] ... [SEP],
+    as a BERT-style Hugging Face tower reads text), cut to seq_len, right-padded to the longest (L)."""
+    bos, eos = tokenizer.packing_bounds
     if eos is None:
         raise SelfsupError("the caption tokenizer has no end-of-text token; use a BPE tokenizer (`selfsup tokenizer "
                            "train --kind bpe`)")
-    rows = [ids[: seq_len - 1] + [eos] for ids in tokenizer.encode_batch(captions)]
+    head = [] if bos is None else [bos]
+    body = seq_len - len(head) - 1
+    rows = [head + ids[:body] + [eos] for ids in tokenizer.encode_batch(captions)]
     L = max(len(row) for row in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
@@ -96,6 +99,14 @@ class PairBatches:
         if self.data.labels is not None:
             batch["label"] = self.data.labels[indices].to(self.device)
         return batch
+
+
+def _max_positions(folder: Path) -> int:
+    """The longest input a Hugging Face text model takes (its config's max_position_embeddings)."""
+    import json
+
+    value = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 512)
+    return int(value) if isinstance(value, int) and value > 2 else 512
 
 
 @dataclass
@@ -162,15 +173,24 @@ class ImageTextModality(Modality):
     def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: PairSet, holdout: PairSet, spec: Any,
                  progress: bool = True) -> Assembly:
         d = cfg.data
-        tokenizer = run_tokenizer(cfg, out, _Captions([c for cs in train.captions for c in cs]), runtime,
-                                  spec.tokenizer or "bpe")
+        seq_len = d.seq_len
+        text_tower = str(cfg.encoders.get("text", {}).get("name", ""))
+        if text_tower.startswith(HF_TOWER_PREFIX):  # a Hugging Face text tower reads with its own tokenizer
+            folder = Path(text_tower.removeprefix(HF_TOWER_PREFIX)).expanduser()
+            tokenizer = TextTokenizer.load(folder / TOKENIZER_FILE)
+            if runtime.is_main and not (out / TOKENIZER_FILE).exists():
+                tokenizer.save(out / TOKENIZER_FILE)
+            seq_len = min(seq_len, _max_positions(folder))
+        else:
+            tokenizer = run_tokenizer(cfg, out, _Captions([c for cs in train.captions for c in cs]), runtime,
+                                      spec.tokenizer or "bpe")
         mean, std = channel_stats(train.images)
         image_pre = {"modality": "image", "image_size": d.image_size, "channels": d.channels, "mean": mean, "std": std}
         text_pre = {"modality": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
-                    "seq_len": d.seq_len}
+                    "seq_len": seq_len}
         views = ImageViews(from_dict(ViewsConfig, {**PAIR_VIEWS, **cfg.views}, prefix="views."), d.image_size,
                            mean, std)
-        batches = PairBatches(train, views, tokenizer, d.seq_len, runtime.device)
+        batches = PairBatches(train, views, tokenizer, seq_len, runtime.device)
         log.info("image–text: %d training pairs (%d captions), %d held out; vocabulary %d", len(train),
                  int(batches.num_captions.sum()), len(holdout), tokenizer.vocab_size)
 
@@ -181,7 +201,7 @@ class ImageTextModality(Modality):
 
             def recall(method: nn.Module) -> dict[str, float]:
                 img, txt = pair_embeddings(method, holdout, rows, lambda x: normalise(x, mean, std, d.image_size),
-                                           tokenizer, d.seq_len, rt)
+                                           tokenizer, seq_len, rt)
                 found = retrieval_recall(img @ txt.T, (1, 5))
                 return {f"heldout_{key}": value for key, value in found.items()}
 
@@ -190,7 +210,7 @@ class ImageTextModality(Modality):
         return Assembly(
             batches,
             {"image": {"in_channels": d.channels, "image_size": d.image_size},
-             "text": {"vocab_size": tokenizer.vocab_size, "max_len": d.seq_len}},
+             "text": {"vocab_size": tokenizer.vocab_size, "max_len": seq_len}},
             {"image": image_pre, "text": text_pre}, dict(cfg.method), monitor,
             fit_data=FitData(train.images, lambda x: normalise(x, mean, std, d.image_size), runtime.device),
             tower_files={"text": {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},

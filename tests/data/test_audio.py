@@ -146,6 +146,8 @@ def test_csv_manifest_with_labels_and_groups(tmp_path: Path) -> None:
         load_audio_source(manifest, group_columns=["accent"])
     by_language = load_audio_source(manifest, label_column="language")
     assert by_language.classes == ["en", "fr"] and by_language.labels.tolist() == [0, 1, 1]
+    with pytest.raises(SelfsupError, match=r"m\.csv: no label column 'letter'.*path, label, language, speaker"):
+        load_audio_source(manifest, label_column="letter")
 
 
 def test_jsonl_manifest(tmp_path: Path) -> None:

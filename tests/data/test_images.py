@@ -151,6 +151,16 @@ def test_jsonl_manifest_with_numeric_labels(manifest_folder: Path) -> None:
     assert data.ids[3] == "img/3.png"
 
 
+def test_a_label_column_asked_for_by_name_must_exist(manifest_folder: Path) -> None:
+    """A manifest without `label` is unlabelled data, but a missing `data.label_column=letter` (a run's
+    label column applied to another source by `probe --data`) is a mistake: named, before decoding."""
+    (manifest_folder / "m.csv").write_text("path,label\nimg/0.png,a\nimg/1.png,b\n")
+    with pytest.raises(SelfsupError, match=r"m\.csv: no label column 'letter'.*path, label"):
+        load_image_source(str(manifest_folder / "m.csv"), image_size=4, label_column="letter")
+    (manifest_folder / "u.csv").write_text("path\nimg/0.png\n")
+    assert load_image_source(str(manifest_folder / "u.csv"), image_size=4).labels is None
+
+
 def test_manifest_without_path_column_lists_columns(manifest_folder: Path) -> None:
     (manifest_folder / "m.csv").write_text("file,label\nimg/0.png,a\n")
     with pytest.raises(SelfsupError, match=r"m\.csv.*no 'path' column.*file, label"):
