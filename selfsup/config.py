@@ -407,8 +407,12 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
     from selfsup.encoders import ENCODERS, encoder_config
 
     encoder_name = _name(section, key)
-    encoder_knobs = {k: v for k, v in section.items() if k != "name"}
+    encoder_knobs = {k: v for k, v in section.items() if k not in ("name", INIT_KEY)}
     method = cfg.method["name"]
+    init = section.get(INIT_KEY)
+    if init is not None and (not isinstance(init, str) or not init.strip() or init.startswith(HF_TOWER_PREFIX)):
+        raise SelfsupError(f"`{key}.{INIT_KEY}` must name a run, RUN or RUN:TOWER (got {init!r}); for a Hugging "
+                           f"Face model use `{key}.name=hf:DIR`")
     if encoder_name.startswith(HF_TOWER_PREFIX):
         _validate_hf_tower(key, encoder_name, encoder_knobs, modality, spec)
         return
@@ -436,6 +440,7 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
 
 
 HF_TOWER_PREFIX = "hf:"  # `encoders.ROLE.name=hf:DIR`: a tower that starts from a local Hugging Face model
+INIT_KEY = "init"  # `encoder.init=RUN` / `encoders.ROLE.init=RUN:TOWER`: a tower that starts from another run's
 
 
 def _validate_hf_tower(key: str, name: str, knobs: dict[str, Any], modality: str, spec: Any) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.config import HF_TOWER_PREFIX, RunConfig, dump_config, load_config, to_dict
-from selfsup.encoders import build_seeded, describe_encoder
+from selfsup.config import HF_TOWER_PREFIX, INIT_KEY, RunConfig, dump_config, load_config, to_dict
+from selfsup.encoders import describe_encoder
 from selfsup.encoders.hf import hf_description
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder, save_encoder
@@ -27,7 +27,7 @@ from selfsup.methods import MethodSpec, build_method, method_spec
 from selfsup.modalities import load_splits, run_modality  # noqa: F401 (load_splits: re-exported)
 from selfsup.modalities.base import Assembly
 from selfsup.rundir import (CONFIG_FILE, STARTING, TRAINING, claim_run_dir, clear_run_dir, release_run_dir,
-                            resolve_tower, tower_dir)
+                            resolve_tower, starting_towers, tower_dir)
 from selfsup.train import checkpoint
 from selfsup.train.loop import FitResult, fit
 from selfsup.train.runtime import Runtime, init_runtime
@@ -58,17 +58,20 @@ def build_towers(cfg: RunConfig, inputs: dict[str, dict[str, int]]) -> tuple[dic
     rebuild them; `inputs` are each tower modality's encoder inputs (from the modality's assembly)."""
     descriptions = {}
     for role, (section, modality) in tower_sections(cfg).items():
-        knobs = {k: v for k, v in section.items() if k != "name"}
+        knobs = {k: v for k, v in section.items() if k not in ("name", INIT_KEY)}
         if section["name"].startswith(HF_TOWER_PREFIX):  # a local Hugging Face model, its weights included
             descriptions[role] = hf_description(Path(section["name"].removeprefix(HF_TOWER_PREFIX)).expanduser())
         else:
             descriptions[role] = describe_encoder(section["name"], **inputs[modality], **knobs)
+        if section.get(INIT_KEY):  # starts from another run's tower (rundir.starting_towers loads it)
+            descriptions[role][INIT_KEY] = section[INIT_KEY]
     return untrained_towers(cfg, descriptions), descriptions
 
 
 def untrained_towers(cfg: RunConfig, descriptions: dict[str, dict]) -> dict[str, nn.Module]:
-    """The weights pretraining began from: the same seed, the same order of construction."""
-    return build_seeded(cfg.seed, descriptions)
+    """The weights pretraining began from: the same seed, the same order of construction, and the
+    weights of the runs or folders towers start from (`encoder.init`, `hf:DIR`)."""
+    return starting_towers(cfg.seed, descriptions)
 
 
 def untrained_tower(run: Path, cfg: RunConfig, role: str) -> nn.Module:

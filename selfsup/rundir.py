@@ -24,8 +24,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from selfsup.encoders import build_seeded
 from selfsup.errors import SelfsupError
-from selfsup.export.encoder import META, WEIGHTS
+from selfsup.export.encoder import META, WEIGHTS, load_encoder
 from selfsup.files import LOCK, MARKER, DirLock, check_owned, mark, names_in, read_marker
 
 log = logging.getLogger("selfsup")
@@ -40,6 +44,35 @@ SINGLE = "encoder"  # the role of a single-tower method's encoder
 
 
 ZEROSHOT_DIR = "zeroshot"  # `selfsup zeroshot`'s output inside a run (predictions.csv, zeroshot.json)
+
+
+def starting_towers(seed: int, descriptions: dict[str, dict]) -> dict[str, nn.Module]:
+    """A run's towers as pretraining began: built in order under `seed` (`build_seeded`, which also
+    gives a Hugging Face tower its folder's weights), then each tower whose description names an
+    `init` ("RUN" or "RUN:TOWER", from `encoder.init` / `encoders.ROLE.init`) given that tower's weights."""
+    towers = build_seeded(seed, descriptions)
+    for role, description in descriptions.items():
+        if description.get("init"):
+            load_init(towers[role], str(description["init"]), role)
+    return towers
+
+
+def load_init(tower: nn.Module, init: str, role: str) -> None:
+    """Copies the weights of the run tower `init` names into `tower`; a different architecture is an
+    error naming the first parameter that differs."""
+    run, _, which = init.partition(":")
+    folder, _ = resolve_tower(Path(run), which or None)
+    base, _ = load_encoder(folder)
+    mine, theirs = tower.state_dict(), base.state_dict()
+    differ = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    differ += sorted(set(theirs) - set(mine))
+    if differ:
+        key = "encoder" if role == SINGLE else f"encoders.{role}"
+        raise SelfsupError(f"{key}.init={init}: its encoder is not this tower's architecture (first difference: "
+                           f"{differ[0]}); set {key}.* to that run's encoder (see its encoder.json), and for a "
+                           f"text tower its tokenizer: tokenizer.path={folder / 'tokenizer.json'}")
+    with torch.no_grad():
+        tower.load_state_dict(theirs)
 
 
 def run_files() -> Callable[[str], bool]:

@@ -110,6 +110,9 @@ ENCODERS: dict[str, EncoderSpec] = {
 # Descriptions of Hugging Face encoders (`hf:DIR` bases and towers): rebuilt from their config by
 # encoders/hf.py rather than from a preset here.
 HF_ENCODERS = ("hf", "hf_audio")
+# Keys of a description that say where a tower's starting weights came from ("source": a Hugging Face
+# folder; "init": another run's tower, `encoder.init=RUN[:TOWER]`), which build_encoder ignores.
+DESCRIPTION_ONLY = ("source", "init")
 
 
 def _spec(name: str) -> EncoderSpec:
@@ -169,6 +172,8 @@ def build_encoder(name: str, *, config: dict | None = None, **given: Any) -> nn.
     to the preset, overrides last, so `build_encoder(**describe_encoder(...))` rebuilds the same
     architecture. ResNets accept any image size and ignore `image_size`.
     """
+    for key in DESCRIPTION_ONLY:  # where a tower's weights came from: not part of its architecture
+        given.pop(key, None)
     if name in HF_ENCODERS:  # a Hugging Face model described by its own config (encoders/hf.py)
         from selfsup.encoders.hf import build_hf_encoder
 
@@ -187,7 +192,7 @@ def build_seeded(seed: int, descriptions: dict[str, dict]) -> dict[str, nn.Modul
     torch.manual_seed(seed)
     built = {}
     for role, description in descriptions.items():
-        built[role] = build_encoder(**{k: v for k, v in description.items() if k != "source"})
+        built[role] = build_encoder(**description)
         if description.get("source") is not None:  # a Hugging Face tower starts from its folder's weights
             load_source_weights(built[role], description)
     return built

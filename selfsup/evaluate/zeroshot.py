@@ -33,14 +33,13 @@ from torch import Tensor, nn
 from selfsup.config import RunConfig, load_config
 from selfsup.data.tokenizer import TextTokenizer
 from selfsup.data.views import normalise
-from selfsup.encoders import build_seeded
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder
 from selfsup.files import write_atomic
 from selfsup.methods import build_method, method_spec
 from selfsup.modalities import load_splits, run_modality
 from selfsup.modalities.image_text import RECALL_AT, caption_ids, retrieval_recall
-from selfsup.rundir import CONFIG_FILE, ZEROSHOT_DIR, tower_dir
+from selfsup.rundir import CONFIG_FILE, ZEROSHOT_DIR, starting_towers, tower_dir
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
@@ -102,7 +101,7 @@ def load_pair_model(run: Path, untrained: bool = False) -> PairModel:
     for role in spec.roles:
         towers[role], metas[role] = load_encoder(tower_dir(run, role, spec.roles))
     if untrained:  # as pretraining began: the same seed, the same order, the method's heads after the towers
-        towers = build_seeded(cfg.seed, {role: meta["encoder"] for role, meta in metas.items()})
+        towers = starting_towers(cfg.seed, {role: meta["encoder"] for role, meta in metas.items()})
     method = build_method(dict(cfg.method), **towers)
     if not untrained:
         for name in spec.artifacts:

@@ -17,9 +17,10 @@ Under DDP every rank's embeddings are gathered with their gradients (`all_gather
 scores its own rows against the whole global batch (open_clip's `local_loss`): the mean of the
 ranks' losses is the loss of the global batch, and DDP's gradient average gives its exact gradient.
 
-Either tower can start from another run's tower (`image_init=RUN[:TOWER]`, `text_init=...`; the
-architectures must match, and a text tower needs that run's tokenizer: `tokenizer.path`), and either
-can be locked (`lock_image`, `lock_text`: frozen weights, kept in eval mode; the paper's "LiT"
+Either tower can start from another run's tower (`encoders.image.init=RUN[:TOWER]`, as any
+method's encoder can; the architectures must match, and a text tower needs that run's tokenizer:
+`tokenizer.path`) or from a local Hugging Face model (`encoders.text.name=hf:DIR`), and either can
+be locked (`lock_image`, `lock_text`: frozen weights, kept in eval mode; the paper's "LiT"
 variant, Zhai et al. 2022, locks a pretrained image tower).
 
 Deviations from the paper:
@@ -62,8 +63,6 @@ class Config:
     max_logit_scale: float = 100.0  # exp(s) is clamped to at most this after every step (the paper's 100)
     lock_image: bool = False  # freeze the image tower (LiT: align a text tower to a pretrained image tower)
     lock_text: bool = False  # freeze the text tower (align a new image tower to a text tower one trusts)
-    image_init: str | None = None  # start the image tower from RUN or RUN:TOWER (same architecture)
-    text_init: str | None = None  # start the text tower from RUN or RUN:TOWER (same architecture and tokenizer)
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
@@ -72,9 +71,6 @@ class Config:
             raise SelfsupError(f"method.init_temperature must be positive, got {self.init_temperature!r}")
         if not self.max_logit_scale > 1:
             raise SelfsupError(f"method.max_logit_scale must be above 1, got {self.max_logit_scale!r}")
-        for key in ("image_init", "text_init"):
-            if getattr(self, key) is not None and not getattr(self, key).strip():
-                raise SelfsupError(f"method.{key} is empty; give RUN or RUN:TOWER (or leave it unset)")
         if 1 / self.init_temperature > self.max_logit_scale:
             raise SelfsupError(f"method.init_temperature={self.init_temperature} starts above the clamp "
                                f"(1/t > max_logit_scale={self.max_logit_scale}); raise it")
@@ -124,32 +120,6 @@ class CLIP(nn.Module):
                 part = getattr(tower, name, None)
                 if part is not None:
                     part.requires_grad_(False)
-
-    @property
-    def fits_targets(self) -> bool:
-        """Towers started from other runs are loaded before step 1 (and restored by a resume)."""
-        return self.cfg.image_init is not None or self.cfg.text_init is not None
-
-    def fit_targets(self, data, generator: torch.Generator) -> dict[str, float]:
-        """Loads `image_init` / `text_init` into the towers (the `fit_targets` hook runs once, before step 1)."""
-        loaded = {}
-        for role, name in (("image", self.cfg.image_init), ("text", self.cfg.text_init)):
-            if name is None:
-                continue
-            if data.load_run is None:
-                raise SelfsupError(f"method.{role}_init={name}: runs cannot be read here")
-            base, _ = data.load_run(name)
-            tower = getattr(self, role)
-            mine, theirs = tower.state_dict(), base.state_dict()
-            differ = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
-            if differ or set(theirs) - set(mine):
-                raise SelfsupError(f"method.{role}_init={name}: its encoder is not the {role} tower's architecture "
-                                   f"(first difference: {(differ or sorted(set(theirs) - set(mine)))[0]}); set "
-                                   f"encoders.{role}.* to that run's encoder (a text tower also needs that run's "
-                                   f"tokenizer: tokenizer.path=RUN/tokenizer.json)")
-            tower.load_state_dict(theirs)
-            loaded[f"{role}_init_params"] = float(sum(v.numel() for v in theirs.values()))
-        return loaded
 
     def train(self, mode: bool = True) -> CLIP:
         super().train(mode)

@@ -57,6 +57,8 @@ def caption_ids(tokenizer: TextTokenizer, captions: list[str], seq_len: int) -> 
                            "train --kind bpe`)")
     head = [] if bos is None else [bos]
     body = seq_len - len(head) - 1
+    if body < 1:
+        raise SelfsupError(f"data.seq_len={seq_len} leaves no room for a caption between the tokenizer's bounds")
     rows = [head + ids[:body] + [eos] for ids in tokenizer.encode_batch(captions)]
     L = max(len(row) for row in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_id, dtype=torch.long)

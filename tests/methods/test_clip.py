@@ -150,8 +150,6 @@ def test_forward_is_the_loss_of_its_embeddings():
     ({"max_logit_scale": 1.0}, "max_logit_scale"),
     ({"max_logit_scale": 10.0}, "init_temperature"),  # 1/0.07 starts above a clamp of 10
     ({"embed_dimm": 8}, "embed_dim"),  # a typo names the nearest knob
-    ({"image_init": ""}, "image_init is empty"),  # not the current folder
-    ({"text_init": " "}, "text_init is empty"),
     ({"lock_text": "yes"}, "lock_text"),
 ])
 def test_config_errors_are_selfsup_errors(knobs, message):
@@ -338,75 +336,58 @@ def test_image_init_loads_another_runs_tower(base_run, manifest, tmp_path):
 
     # LiT: the image tower from the base run, locked; the text tower learns to meet it
     run = tmp_path / "lit"
-    overrides = clip_run(manifest, f"method.image_init={base_run}:image", "method.lock_image=true", "train.steps=2",
+    overrides = clip_run(manifest, f"encoders.image.init={base_run}:image", "method.lock_image=true", "train.steps=2",
                          "seed=1")
     assert main(["pretrain", *overrides, "--out", str(run)]) == 0
     theirs = tower_weights(base_run, "image")
     assert same(tower_weights(run, "image"), theirs), "the image tower is the base run's"
-    untrained = untrained_tower(run, load_config(None, overrides), "text").state_dict()
-    assert not same(tower_weights(run, "text"), untrained)
+    # where pretraining began: the base run's tower (not a random one), and the text tower's seeded start
+    cfg = load_config(run / "config.yaml")
+    assert same(untrained_tower(run, cfg, "image").state_dict(), theirs)
+    assert not same(tower_weights(run, "text"), untrained_tower(run, cfg, "text").state_dict())
 
 
-def test_image_init_at_the_method_before_any_step(base_run):
-    from selfsup.modalities.base import FitData
-    from selfsup.pretrain import _load_tower
+def test_starting_towers_load_the_init_and_leave_the_rest_seeded(base_run):
+    from selfsup.encoders import build_seeded, describe_encoder
+    from selfsup.rundir import starting_towers
 
-    torch.manual_seed(3)
     inputs = {"in_channels": 3, "image_size": 16}
-    image = build_encoder("clip_vit", **inputs, dim=32, depth=1, heads=2)
-    text = build_encoder("clip_text", vocab_size=50, max_len=12, dim=32, depth=1, heads=2)
-    method = build_method({"name": "clip", "image_init": f"{base_run}:image"}, image=image, text=text)
-    assert method.fits_targets
-    before_text = {k: v.clone() for k, v in method.text.state_dict().items()}
-    stats = method.fit_targets(FitData(None, None, torch.device("cpu"), _load_tower), torch.Generator())
-    assert same(method.image.state_dict(), tower_weights(base_run, "image"))
-    assert same(method.text.state_dict(), before_text), "text_init is not set: the text tower is untouched"
-    assert stats["image_init_params"] == sum(p.numel() for p in method.image.state_dict().values())
-    assert not build_method({"name": "clip"}, **towers()).fits_targets
-    # text_init likewise, into a text tower of the run's architecture (its vocabulary included)
-    from selfsup.export.encoder import load_encoder
-
-    _, meta = load_encoder(base_run / "towers" / "text")
-    both = build_method({"name": "clip", "image_init": f"{base_run}:image", "text_init": f"{base_run}:text"},
-                        image=build_encoder("clip_vit", **inputs, dim=32, depth=1, heads=2),
-                        text=build_encoder(**meta["encoder"]))
-    stats = both.fit_targets(FitData(None, None, torch.device("cpu"), _load_tower), torch.Generator())
-    assert same(both.image.state_dict(), tower_weights(base_run, "image"))
-    assert same(both.text.state_dict(), tower_weights(base_run, "text")) and "text_init_params" in stats
+    image = describe_encoder("clip_vit", **inputs, dim=32, depth=1, heads=2)
+    text = describe_encoder("clip_text", vocab_size=50, max_len=12, dim=32, depth=1, heads=2)
+    plain = build_seeded(3, {"image": image, "text": text})
+    towers = starting_towers(3, {"image": {**image, "init": f"{base_run}:image"}, "text": text})
+    assert same(towers["image"].state_dict(), tower_weights(base_run, "image"))
+    assert same(towers["text"].state_dict(), plain["text"].state_dict()), "the seeded stream is unchanged"
 
 
-def test_image_init_of_another_architecture_names_the_key(base_run, manifest, tmp_path, capsys):
+def test_init_of_another_architecture_names_the_key(base_run, manifest, tmp_path, capsys):
     from selfsup.cli import EXIT_BAD_INPUT, main
-    from selfsup.modalities.base import FitData
-    from selfsup.pretrain import _load_tower
+    from selfsup.encoders import build_encoder
+    from selfsup.rundir import load_init
 
-    # at the method: a narrower ViT differs first at its [CLS] token
-    torch.manual_seed(0)
+    # a narrower ViT differs first at its [CLS] token
     image = build_encoder("clip_vit", in_channels=3, image_size=16, dim=16, depth=1, heads=2)
-    text = build_encoder("clip_text", vocab_size=50, max_len=12, dim=32, depth=1, heads=2)
-    method = build_method({"name": "clip", "image_init": f"{base_run}:image"}, image=image, text=text)
     first = next(k for k, v in image.state_dict().items() if v.shape != tower_weights(base_run, "image")[k].shape)
-    with pytest.raises(SelfsupError, match=rf"method\.image_init=.*architecture.*first difference: {first}\b"):
-        method.fit_targets(FitData(None, None, torch.device("cpu"), _load_tower), torch.Generator())
+    with pytest.raises(SelfsupError, match=rf"encoders\.image\.init=.*architecture.*first difference: {first}\b"):
+        load_init(image, f"{base_run}:image", "image")
     # a tower with a block more: the extra keys are named
-    deeper = build_method({"name": "clip", "image_init": f"{base_run}:image"},
-                          image=build_encoder("clip_vit", in_channels=3, image_size=16, dim=32, depth=2, heads=2),
-                          text=text)
+    deeper = build_encoder("clip_vit", in_channels=3, image_size=16, dim=32, depth=2, heads=2)
     with pytest.raises(SelfsupError, match=r"first difference: blocks\.1\."):
-        deeper.fit_targets(FitData(None, None, torch.device("cpu"), _load_tower), torch.Generator())
+        load_init(deeper, f"{base_run}:image", "image")
     # ... and one without the run's pre-encoder LayerNorm: the keys only the run has are named
-    plain = build_method({"name": "clip", "image_init": f"{base_run}:image"},
-                         image=build_encoder("clip_vit", in_channels=3, image_size=16, dim=32, depth=1, heads=2,
-                                             pre_norm=False), text=text)
+    plain = build_encoder("clip_vit", in_channels=3, image_size=16, dim=32, depth=1, heads=2, pre_norm=False)
     with pytest.raises(SelfsupError, match=r"first difference: pre_norm\.bias"):
-        plain.fit_targets(FitData(None, None, torch.device("cpu"), _load_tower), torch.Generator())
+        load_init(plain, f"{base_run}:image", "image")
     # through the CLI: bad input, the key named, and nothing left of the run
     run = tmp_path / "mismatch"
-    overrides = clip_run(manifest, f"method.image_init={base_run}:image", "encoders.image.dim=16", "train.steps=1")
+    overrides = clip_run(manifest, f"encoders.image.init={base_run}:image", "encoders.image.dim=16", "train.steps=1")
     capsys.readouterr()
     assert main(["pretrain", *overrides, "--out", str(run)]) == EXIT_BAD_INPUT
     assert f"first difference: {first}" in capsys.readouterr().err
     assert not (run / "towers").exists() and not (run / "checkpoints").exists()
+    for bad in ("", f"hf:{tmp_path}"):
+        assert main(["pretrain", *clip_run(manifest, f"encoders.image.init={bad}"), "--out", str(run)]) == EXIT_BAD_INPUT
+        assert "must name a run" in capsys.readouterr().err
 
 
 if __name__ == "__main__":
