@@ -219,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="render the report in headless Chromium, save report.png and fail if any figure did not load")
 
-    p = sub.add_parser("export", help="export a run's encoder: a Hugging Face folder (text) or selfsup's own files",
+    p = sub.add_parser("export", help="export a run's encoder: a Hugging Face folder (text, speech, CLIP) or selfsup's own files",
                        description="--format hf: a folder that transformers' AutoModelForMaskedLM (mlm runs, as "
                        "RoBERTa-PreLayerNorm) or AutoModelForCausalLM (next_token runs, as GPT-2) and AutoTokenizer "
-                       "load with from_pretrained (needs `pip install 'selfsup[hf]'`). --format encoder: one tower's "
+                       "load with from_pretrained, Wav2Vec2Model/HubertModel (speech runs), or CLIPModel with its "
+                       "tokenizer and image processor (clip runs: the zero-shot-image-classification pipeline "
+                       "runs on it) (needs `pip install 'selfsup[hf]'`). --format encoder: one tower's "
                        "encoder.safetensors + encoder.json (and the files it reads with), for any modality.")
     p.add_argument("run", type=Path, help="a finished pretraining run directory")
     p.add_argument("--format", choices=["hf", "encoder"], default="hf",

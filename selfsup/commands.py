@@ -64,9 +64,11 @@ def run_probe(args: argparse.Namespace) -> None:
         results += probe_suite(name, fx, train_y, ft, test_y, fractions=fractions, seed=cfg.seed, k=cfg.probe.knn_k,
                                probes=cfg.probe.probes)
     print(format_table(results))
+    from selfsup.files import write_atomic
+
     out = args.out or run / "probe.json"
-    out.write_text(json.dumps([r.as_dict() for r in results], indent=1))
-    log.info("wrote %s", out)
+    write_atomic(out, json.dumps([{**r.as_dict(), "tower": role} for r in results], indent=1))
+    log.info("wrote %s (tower %s)", out, role)
 
 
 def run_adapt(args: argparse.Namespace) -> None:

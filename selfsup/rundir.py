@@ -61,13 +61,16 @@ def load_init(tower: nn.Module, init: str, role: str) -> None:
     """Copies the weights of the run tower `init` names into `tower`; a different architecture is an
     error naming the first parameter that differs."""
     run, _, which = init.partition(":")
+    key = "encoder" if role == SINGLE else f"encoders.{role}"
+    if not Path(run).is_dir():
+        raise SelfsupError(f"{key}.init={init}: {run} is not found; this tower started from that run, which has "
+                           "to be there to rebuild where pretraining began")
     folder, _ = resolve_tower(Path(run), which or None)
     base, _ = load_encoder(folder)
     mine, theirs = tower.state_dict(), base.state_dict()
     differ = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
     differ += sorted(set(theirs) - set(mine))
     if differ:
-        key = "encoder" if role == SINGLE else f"encoders.{role}"
         raise SelfsupError(f"{key}.init={init}: its encoder is not this tower's architecture (first difference: "
                            f"{differ[0]}); set {key}.* to that run's encoder (see its encoder.json), and for a "
                            f"text tower its tokenizer: tokenizer.path={folder / 'tokenizer.json'}")

@@ -206,7 +206,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
               f"{'k per class' if k_shot else 'total labels'}, "
               f"{num_seeds} seed(s) per rung, {run_cfg.data.source}\n{SCRATCH_NOTE}")
     result = {
-        "base": base, "data": run_cfg.data.source, "ladder": counts, "rungs": rungs, "notes": notes,
+        "base": base, "tower": tower, "data": run_cfg.data.source, "ladder": counts, "rungs": rungs, "notes": notes,
         "metric": metric, "settings": {"mode": mode, "k_shot_ladder": k_shot, "num_seeds": num_seeds, "epochs": epochs,
                      "patience": patience, "scratch_lr": scratch_lr, "scratch_base": bases["scratch"],
                      "scratch_mode": "finetune", "scratch_layer_decay": 1.0, "scratch_note": SCRATCH_NOTE,
@@ -274,7 +274,7 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     _fresh_output(out, "select", SELECT_FILES)
     lines = [f"{len(bases)} base(s) on {len(rows)} labelled training rows of {source}"
              + (f", budget {budget_s:g} s" if budget_s is not None else ""), format_ranking(ranking)]
-    result: dict[str, Any] = {"bases": bases, "data": source, "modality": modality, "num_samples": len(rows),
+    result: dict[str, Any] = {"bases": bases, "tower": tower, "data": source, "modality": modality, "num_samples": len(rows),
                               "num_classes": int(torch.unique(labels).numel()), "scores": list(scores),
                               "budget_s": budget_s, "embed_seconds": embed_seconds, "ranking": ranking}
     if validate:

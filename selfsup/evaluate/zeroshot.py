@@ -169,6 +169,8 @@ def zero_shot(run: Path, *, data: str | None = None, templates: list[str] | None
 
     run = Path(run)
     out = Path(out) if out is not None else run / ZEROSHOT_DIR
+    if out.exists() and not out.is_dir():  # checked before the towers are loaded and the rows embedded
+        raise SelfsupError(f"{out}: exists and is not a directory; choose another --out")
     templates = templates or [DEFAULT_TEMPLATE]
     runtime = runtime or init_runtime("auto", "auto")
     model = load_pair_model(run)
@@ -182,6 +184,9 @@ def zero_shot(run: Path, *, data: str | None = None, templates: list[str] | None
         train, holdout = load_splits(data_cfg)
         split = run_modality(data_cfg).join(train, holdout)
         rows_scored = f"every row of {data}"
+    if len(split) == 0:  # data.holdout_fraction=0 (or too few rows to hold one out)
+        raise SelfsupError(f"{run}: the run has no held-out rows to classify (data.holdout_fraction="
+                           f"{cfg.data.holdout_fraction}); classify a labelled source instead with --data")
     if split.labels is None or split.classes is None or not bool((split.labels >= 0).any()):
         raise SelfsupError(f"{data or cfg.data.source}: the rows to classify ({rows_scored}) carry no labels, so "
                            "there are no class names to prompt with; use a labelled source (--data)")

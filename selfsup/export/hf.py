@@ -121,6 +121,10 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     its files (selfsup.files.check_owned): a user's folder, or a file they added, is never deleted.
     """
     run_dir, out = Path(run_dir), Path(out)
+    from selfsup.export.hf_clip import export_hf_clip, is_clip_run  # it imports this module's publishing step
+
+    if is_clip_run(run_dir):  # an image and a text tower: a CLIPModel folder (selfsup.export.hf_clip)
+        return export_hf_clip(run_dir, out, overwrite=overwrite)
     for name in (META, WEIGHTS):
         if not (run_dir / name).is_file():
             raise SelfsupError(f"{run_dir / name}: not found; is {run_dir} a finished selfsup run directory?")

@@ -77,7 +77,8 @@ def test_every_command_takes_a_tower(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", *RUN, "--out", str(run)]) == 0
     assert main(["probe", str(run), "--tower", "b", "--fractions", "1.0", "--compare-untrained"]) == 0
-    assert {r["features"] for r in json.loads((run / "probe.json").read_text())} == {"two_towers", "untrained"}
+    rows = json.loads((run / "probe.json").read_text())
+    assert {r["features"] for r in rows} == {"two_towers", "untrained"} and {r["tower"] for r in rows} == {"b"}
     capsys.readouterr()
     assert main(["probe", str(run), "--fractions", "1.0"]) == 0
     assert "using a" in capsys.readouterr().err, "the default tower is named"
