@@ -215,8 +215,8 @@ def _save_towers(out: Path, cfg: RunConfig, spec: MethodSpec, method: nn.Module,
             for name, write in parts.tower_files.get(modality, {}).items():
                 write(folder)
     save = getattr(method, "save_artifacts", None)
-    if save is not None:
-        save(out)  # trained artifacts (CLIP's projections); fitted ones (BEiT's tokens) again, unchanged
+    if save is not None and not getattr(method, "fits_targets", False):
+        save(out)  # trained artifacts (CLIP's projections); fitted ones (BEiT's tokens) were written before step 1
 
 
 def _fit_targets(method: nn.Module, parts: Assembly, cfg: RunConfig, out: Path, runtime: Runtime,
