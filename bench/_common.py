@@ -36,3 +36,21 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def encoder_features(encoder: Any, images: Any, preprocess: dict[str, Any], device: Any, autocast_dtype: Any) -> Any:
+    """Frozen features [N, D] (float32, CPU) of uint8 images [N, C, H, W], prepared as `preprocess`
+    says (`selfsup.modalities.image.prepare_images`), in batches of 256, under the run's precision as
+    selfsup's own readers embed them."""
+    import torch
+
+    from selfsup.modalities.image import prepare_images
+
+    encoder.eval().to(device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            x = prepare_images(images[start : start + 256].to(device), preprocess)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                out.append(encoder.embed(x).float().cpu())
+    return torch.cat(out)

@@ -5,7 +5,7 @@ What: simclr, byol, dino, mae, beit and colorize each pretrain with selfsup's ow
 encoder — ResNet-18 for simclr/byol/dino/colorize, ViT-Tiny for mae/beit, or all on `--encoder` —
 its own view recipe and knobs, bf16 autocast where `precision=auto` picks it) on the glyphs set
 (~33,000 Noto glyphs, 32 px, ~100 scripts). Then the frozen encoder is probed on the held-out split
-the run never saw, as `selfsup probe` does (`selfsup.adapt.frozen.encoder_features` +
+the run never saw, as `selfsup probe` does (`_common.encoder_features` (selfsup's image preparation) +
 `selfsup.adapt.probes.probe_suite`): a linear probe (logistic regression, C by cross-validation)
 and a kNN probe (k=20), trained on 10 % and 100 % of the training labels. The same encoder untrained
 (the run's seeded init, `build_encoder_from(cfg)`: the weights pretraining started from) is probed
@@ -156,7 +156,8 @@ class Bench:
         """(train x, train y, test x, test y): frozen features of the labelled rows (capped by --probe-train/-test)."""
         import torch
 
-        from selfsup.adapt.frozen import encoder_features, labelled_rows
+        from _common import encoder_features
+        from selfsup.data.split import labelled_rows
 
         rows = {"train": labelled_rows(train, "training"), "test": labelled_rows(holdout, "held-out")}
         caps = {"train": self.args.probe_train, "test": self.args.probe_test}

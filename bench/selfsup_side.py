@@ -11,7 +11,7 @@ draws its 75 % patch mask from the step's generator inside the step, as `selfsup
 Throughput is the median of the loop's per-step samples/s (batch / wall time from drawing the batch
 to the end of the optimizer and EMA step) after `--warmup` steps. With `--features-out`, the trained
 encoder (eval mode, no augmentation, normalised) embeds the bank and test images of the .npz with
-`selfsup.adapt.frozen.encoder_features`, under the run's precision as selfsup's kNN monitor does.
+`_common.encoder_features` (selfsup's image preparation), under the run's precision as selfsup's kNN monitor does.
 
     .venv/bin/python bench/selfsup_side.py --method simclr --encoder resnet18 --data DATA.npz \\
         [--precision bf16] [--features-out DIR] [--steps 8 --warmup 2 --batch 256 --threads 2]
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     import numpy as np
 
-    from selfsup.adapt.frozen import encoder_features
+    from _common import encoder_features
     from selfsup.config import TrainConfig, from_dict
     from selfsup.data.pipeline import ImageBatches, channel_stats
     from selfsup.data.views import ImageViews, ViewsConfig

@@ -2,10 +2,11 @@
 
 For each task (method x encoder) three runs go one after the other, each in its own subprocess:
 
-1. selfsup, bf16 autocast (what `precision=auto` picks on this CPU) — its real loop
+1. selfsup at what `precision=auto` picks on this CPU (bf16 autocast where the CPU has bf16 units,
+   `cpu_has_fast_bf16`; fp32 elsewhere, where bf16 is emulated and slower) — its real loop
    (`bench/selfsup_side.py`: `fit`, `ImageBatches`, `ImageViews`, the method's own view recipe);
-2. selfsup, fp32 — throughput only, the `selfsup_fp32` column, so the share of bf16 in the ratio
-   shows;
+2. on a CPU with bf16 units, selfsup again in fp32 — throughput only, so that the headline ratio
+   compares the same precision on both sides (the bf16 gain is its own row: `ratio_bf16`);
 3. lightly, fp32 (its default), in `.venv-bench` (`bench/peers/lightly_side.py`: torchvision
    backbone, lightly transforms in a DataLoader, lightly heads/losses/momentum helpers, written the
    way lightly's examples are).
@@ -33,7 +34,8 @@ bicubic.
 
 Throughput is samples/s (images per second, however many views of each) of the median step after
 `--warmup` steps, a step timed from fetching the batch to the end of the optimizer (and EMA)
-step. `ratio` = selfsup (bf16) / lightly (fp32). OMP_WAIT_POLICY=PASSIVE and `--threads` threads
+step. `ratio` = selfsup (fp32) / lightly (fp32), the same precision on both sides; `ratio_bf16` =
+selfsup (bf16 autocast) / lightly (fp32), recorded only where the CPU has bf16 units. OMP_WAIT_POLICY=PASSIVE and `--threads` threads
 on both sides; nothing else should run meanwhile (see shared/MACHINE.md).
 
     .venv/bin/python bench/vision.py [--tasks simclr-resnet18 dino-vit_tiny] [--steps 8] [--warmup 2]
@@ -54,6 +56,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, run_json  # noqa: E402
+from selfsup.train.runtime import cpu_has_fast_bf16  # noqa: E402
+
+BF16_UNITS = cpu_has_fast_bf16()  # AMX or AVX512-BF16: where precision=auto picks bf16
 
 BENCH = Path(__file__).resolve().parent
 SELFSUP_SIDE = BENCH / "selfsup_side.py"
@@ -170,10 +175,13 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
         out = ["--features-out", str(feats[side])]
         return out + (["--init-features-out", str(init[side])] if args.init_knn else [])
 
+    # selfsup's own run at what precision=auto picks here; where that is bf16, an fp32 run too, so the
+    # headline ratio compares fp32 with lightly's fp32.
+    auto = "bf16" if BF16_UNITS else "fp32"
     ours = attempt("selfsup", errors, lambda: run_json(
-        [sys.executable, str(SELFSUP_SIDE), *common, "--precision", "bf16", *side_args("selfsup")], ours_env), wall)
-    ours32 = None
-    if not args.no_fp32 and ours is not None:
+        [sys.executable, str(SELFSUP_SIDE), *common, "--precision", auto, *side_args("selfsup")], ours_env), wall)
+    ours32 = ours if auto == "fp32" else None
+    if auto == "bf16" and not args.no_fp32 and ours is not None:
         ours32 = attempt("selfsup_fp32", errors, lambda: run_json(
             [sys.executable, str(SELFSUP_SIDE), *common, "--precision", "fp32"], ours_env), wall)
     recipe = attempt("recipe", errors, lambda: peer_recipe(method, args.n_local, args.local_size)) or {}
@@ -193,11 +201,14 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
     views = f"{size}px" + (f"+{args.n_local}x{args.local_size}px" if method == "dino" and args.n_local else "")
     line = {
         "bench": "vision", "task": f"{method} {encoder} {views} b{args.batch}", "metric": "samples_per_s",
-        "selfsup": value(ours), "selfsup_setting": "bf16 autocast",
+        "selfsup": value(ours32), "selfsup_setting": "fp32", "precision": "fp32",
         "peer": f"lightly {peer['version']}" if peer else "lightly", "peer_value": value(peer),
         "peer_setting": f"fp32, DataLoader num_workers={args.peer_workers}",
-        "ratio": round(ours["samples_per_s"] / peer["samples_per_s"], 3) if ours and peer else None,
-        "selfsup_fp32": value(ours32),
+        "ratio": round(ours32["samples_per_s"] / peer["samples_per_s"], 3) if ours32 and peer else None,
+        "selfsup_bf16": value(ours) if auto == "bf16" else None,
+        "ratio_bf16": round(ours["samples_per_s"] / peer["samples_per_s"], 3) if auto == "bf16" and ours and peer
+        else None,
+        "cpu_bf16": BF16_UNITS, "quality_precision": auto,
         "peak_rss_mb": {"selfsup": round(ours["peak_rss_mb"]) if ours else None,
                         "peer": round(peer["peak_rss_mb"]) if peer else None},
         "quality": {"knn_acc": knn_acc},
@@ -233,7 +244,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=1000, help="held-out images scored by kNN (at most the holdout)")
     parser.add_argument("--no-init-knn", dest="init_knn", action="store_false",
                         help="skip scoring both sides' random-init encoders (the baseline beside the trained one)")
-    parser.add_argument("--no-fp32", action="store_true", help="skip the selfsup fp32 run (the selfsup_fp32 column)")
+    parser.add_argument("--no-fp32", action="store_true", help="on a CPU with bf16 units, skip selfsup's fp32 run (the headline fp32 ratio is then not measured)")
     parser.add_argument("--peer-workers", type=int, default=DEFAULT_PEER_WORKERS, help="lightly DataLoader workers")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the lightly environment")
     parser.add_argument("--keep", type=Path, help="keep the data and features in this folder")
