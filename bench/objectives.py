@@ -1,7 +1,7 @@
 """The six vision objectives on one labelled set after the same wall-clock budget: which one learns most?
 
 What: simclr, byol, dino, mae, beit and colorize each pretrain with selfsup's own pipeline
-(`selfsup.train.pretrain.pretrain`, exactly what `selfsup pretrain` runs: the method's default
+(`selfsup.pretrain.pretrain`, exactly what `selfsup pretrain` runs: the method's default
 encoder — ResNet-18 for simclr/byol/dino/colorize, ViT-Tiny for mae/beit, or all on `--encoder` —
 its own view recipe and knobs, bf16 autocast where `precision=auto` picks it) on the glyphs set
 (~33,000 Noto glyphs, 32 px, ~100 scripts). Then the frozen encoder is probed on the held-out split
@@ -134,7 +134,7 @@ class Bench:
         """Median step time (s) of `--calibrate` real steps, leaving out the first."""
         from selfsup.config import load_config
         from selfsup.errors import SelfsupError
-        from selfsup.train.pretrain import pretrain
+        from selfsup.pretrain import pretrain
 
         # A long nominal run stopped early: no final checkpoint, export or kNN monitor.
         cfg = load_config(None, [*overrides, "train.steps=100000"])
@@ -188,7 +188,7 @@ class Bench:
 
     def baseline(self, cfg, preprocess: dict, train, holdout, runtime, source: str) -> dict[str, Any]:
         """The untrained encoder (the run's seeded init), probed once per encoder/data/input preparation."""
-        from selfsup.train.pretrain import build_encoder_from
+        from selfsup.pretrain import build_encoder_from
 
         encoder, spec = build_encoder_from(cfg)
         key = json.dumps([spec, source, preprocess], sort_keys=True, default=str)
@@ -204,7 +204,7 @@ class Bench:
         """Calibrate, pretrain for the budget, probe; returns the objective's result."""
         from selfsup.config import load_config
         from selfsup.export.encoder import load_encoder
-        from selfsup.train.pretrain import pretrain
+        from selfsup.pretrain import pretrain
         from selfsup.train.runtime import init_runtime
 
         encoder, note = self.encoder_for(method)
