@@ -13,7 +13,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
-from torch import nn
+from torch import Tensor, nn
 
 from selfsup.encoders import build_encoder
 from selfsup.errors import SelfsupError
@@ -77,3 +77,22 @@ def export_encoder(folder: Path, out: Path, *, overwrite: bool = False) -> Path:
 
     build_dir(out, "encoder", write, "encoder export")
     return out
+
+
+def block_state(src: dict[str, Tensor], dim: int, depth: int, layer_prefix: str, qkv: tuple[str, str, str],
+                renames: tuple[tuple[str, str], ...]) -> dict[str, Tensor]:
+    """Our shared pre-LN blocks (`encoders/transformer.py`) as a Hugging Face layer stack, layer i at
+    `layer_prefix` + "i.": the fused `attn.qkv` ([q | k | v], each [dim, dim]) split into the three
+    `qkv` names, and every other parameter renamed by `renames` (ours -> theirs); weights and biases."""
+    state: dict[str, Tensor] = {}
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"{layer_prefix}{i}."
+        weights = src[f"{ours}attn.qkv.weight"].split(dim)
+        biases = src[f"{ours}attn.qkv.bias"].split(dim)
+        for name, w, b in zip(qkv, weights, biases):
+            state[f"{theirs}{name}.weight"] = w.contiguous()
+            state[f"{theirs}{name}.bias"] = b.contiguous()
+        for a, b in renames:
+            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
+            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+    return state

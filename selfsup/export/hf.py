@@ -97,7 +97,7 @@ from selfsup.data.tokenizer import TextTokenizer
 from selfsup.encoders.audio import AudioEncoder
 from selfsup.encoders.text import TextTransformer
 from selfsup.errors import SelfsupError
-from selfsup.export.encoder import META, WEIGHTS, load_encoder
+from selfsup.export.encoder import META, WEIGHTS, block_state, load_encoder
 from selfsup.export.hf_audio import export_hf_audio
 
 # The two layouts that map onto a Hugging Face architecture: the config values each one requires.
@@ -342,17 +342,11 @@ def _roberta_prelayernorm(
         "lm_head.decoder.bias": src["lm_bias"],
         "lm_head.bias": src["lm_bias"],
     }
-    for i in range(cfg.depth):
-        ours, theirs = f"blocks.{i}.", f"{p}encoder.layer.{i}."
-        q_w, k_w, v_w = src[f"{ours}attn.qkv.weight"].split(D)  # each [D, D]: the fused output is [q | k | v]
-        q_b, k_b, v_b = src[f"{ours}attn.qkv.bias"].split(D)
-        for name, w, b in (("query", q_w, q_b), ("key", k_w, k_b), ("value", v_w, v_b)):
-            state[f"{theirs}attention.self.{name}.weight"] = w.contiguous()
-            state[f"{theirs}attention.self.{name}.bias"] = b.contiguous()
-        for a, b in (("norm1", "attention.LayerNorm"), ("attn.proj", "attention.output.dense"),
-                     ("norm2", "intermediate.LayerNorm"), ("mlp.0", "intermediate.dense"), ("mlp.2", "output.dense")):
-            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
-            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+    state.update(block_state(src, D, cfg.depth, f"{p}encoder.layer.",
+                             ("attention.self.query", "attention.self.key", "attention.self.value"),
+                             (("norm1", "attention.LayerNorm"), ("attn.proj", "attention.output.dense"),
+                              ("norm2", "intermediate.LayerNorm"), ("mlp.0", "intermediate.dense"),
+                              ("mlp.2", "output.dense"))))
     return config, state
 
 

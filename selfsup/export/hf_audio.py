@@ -52,7 +52,7 @@ from torch import Tensor
 from selfsup import files
 from selfsup.encoders.audio import AudioEncoder
 from selfsup.errors import SelfsupError
-from selfsup.export.encoder import META, WEIGHTS, load_encoder
+from selfsup.export.encoder import META, WEIGHTS, block_state, load_encoder
 
 _DEFAULT_MODEL = "Wav2Vec2Model"  # any other method: the architecture's own name
 _CONFIGS = {"Wav2Vec2Model": "Wav2Vec2Config", "HubertModel": "HubertConfig"}
@@ -183,17 +183,10 @@ def _state_dict(encoder: AudioEncoder) -> dict[str, Tensor]:
             state[f"{theirs}conv.bias"] = src[f"{ours}conv.bias"]
         state[f"{theirs}layer_norm.weight"] = src[f"{ours}norm.weight"]
         state[f"{theirs}layer_norm.bias"] = src[f"{ours}norm.bias"]
-    for i in range(encoder.num_layers):
-        ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
-        q_w, k_w, v_w = src[f"{ours}attn.qkv.weight"].split(D)  # each [D, D]: the fused output is [q | k | v]
-        q_b, k_b, v_b = src[f"{ours}attn.qkv.bias"].split(D)
-        for name, w, b in (("q_proj", q_w, q_b), ("k_proj", k_w, k_b), ("v_proj", v_w, v_b)):
-            state[f"{theirs}attention.{name}.weight"] = w.contiguous()
-            state[f"{theirs}attention.{name}.bias"] = b.contiguous()
-        for a, b in (("norm1", "layer_norm"), ("attn.proj", "attention.out_proj"), ("norm2", "final_layer_norm"),
-                     ("mlp.0", "feed_forward.intermediate_dense"), ("mlp.2", "feed_forward.output_dense")):
-            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
-            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
+    state.update(block_state(src, D, encoder.num_layers, "encoder.layers.",
+                             ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+                             (("norm1", "layer_norm"), ("attn.proj", "attention.out_proj"), ("norm2", "final_layer_norm"),
+                              ("mlp.0", "feed_forward.intermediate_dense"), ("mlp.2", "feed_forward.output_dense"))))
     return state
 
 

@@ -84,7 +84,7 @@ from selfsup.data.tokenizer import TextTokenizer
 from selfsup.encoders.text import TextTransformer
 from selfsup.encoders.vit import ViT
 from selfsup.errors import SelfsupError
-from selfsup.export.encoder import META, WEIGHTS, load_encoder
+from selfsup.export.encoder import META, WEIGHTS, block_state, load_encoder
 from selfsup.rundir import TOWERS_DIR
 
 HF_MODEL = "CLIPModel"  # the MethodSpec.hf_model this export writes
@@ -317,19 +317,9 @@ def _hidden(encoder: ViT | TextTransformer) -> int:
 
 def _blocks(src: dict[str, Tensor], dim: int, depth: int, prefix: str) -> dict[str, Tensor]:
     """CLIPEncoderLayer weights under `prefix` (e.g. "vision_model.encoder.") of our pre-LN blocks."""
-    state: dict[str, Tensor] = {}
-    for i in range(depth):
-        ours, theirs = f"blocks.{i}.", f"{prefix}layers.{i}."
-        q_w, k_w, v_w = src[f"{ours}attn.qkv.weight"].split(dim)  # each [D, D]: the fused output is [q | k | v]
-        q_b, k_b, v_b = src[f"{ours}attn.qkv.bias"].split(dim)
-        for name, w, b in (("q_proj", q_w, q_b), ("k_proj", k_w, k_b), ("v_proj", v_w, v_b)):
-            state[f"{theirs}self_attn.{name}.weight"] = w.contiguous()
-            state[f"{theirs}self_attn.{name}.bias"] = b.contiguous()
-        for a, b in (("norm1", "layer_norm1"), ("attn.proj", "self_attn.out_proj"), ("norm2", "layer_norm2"),
-                     ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
-            state[f"{theirs}{b}.weight"] = src[f"{ours}{a}.weight"]
-            state[f"{theirs}{b}.bias"] = src[f"{ours}{a}.bias"]
-    return state
+    return block_state(src, dim, depth, f"{prefix}layers.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                       (("norm1", "layer_norm1"), ("attn.proj", "self_attn.out_proj"), ("norm2", "layer_norm2"),
+                        ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")))
 
 
 def _state_dict(image: ViT, text: TextTransformer, head: dict[str, Tensor], grey: bool) -> dict[str, Tensor]:
