@@ -38,7 +38,7 @@ from selfsup.export.encoder import load_encoder
 from selfsup.files import write_atomic
 from selfsup.methods import build_method, method_spec
 from selfsup.modalities import load_splits, run_modality
-from selfsup.modalities.image_text import RECALL_AT, caption_ids, retrieval_recall
+from selfsup.modalities.image_text import RECALL_AT, image_embeddings, retrieval_recall, text_embeddings
 from selfsup.rundir import CONFIG_FILE, ZEROSHOT_DIR, starting_towers, tower_dir
 from selfsup.train.runtime import Runtime, init_runtime
 
@@ -59,27 +59,17 @@ class PairModel:
     tokenizer: TextTokenizer
     seq_len: int
 
-    def image_embeddings(self, images: Tensor, runtime: Runtime, batch_size: int = 256) -> Tensor:
+    def image_embeddings(self, images: Tensor, runtime: Runtime) -> Tensor:
         """Unit embeddings [N, E] (float32, CPU) of uint8 images [N, C, H, W]."""
         pre = self.image_preprocess
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = normalise(images[start : start + batch_size].to(runtime.device), pre["mean"], pre["std"],
-                              pre["image_size"])
-                with runtime.autocast():
-                    out.append(self.method.embed_images(x).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        prepare = lambda x: normalise(x, pre["mean"], pre["std"], pre["image_size"])  # noqa: E731
+        # unit length again in float32: under bf16 autocast the method's own normalisation is bf16
+        return torch.nn.functional.normalize(image_embeddings(self.method, images, prepare, runtime), dim=-1)
 
-    def text_embeddings(self, texts: list[str], runtime: Runtime, batch_size: int = 256) -> Tensor:
+    def text_embeddings(self, texts: list[str], runtime: Runtime) -> Tensor:
         """Unit embeddings [N, E] (float32, CPU) of texts, tokenized as the run's captions were."""
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                ids, mask = caption_ids(self.tokenizer, texts[start : start + batch_size], self.seq_len)
-                with runtime.autocast():
-                    out.append(self.method.embed_texts(ids.to(runtime.device), mask.to(runtime.device)).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        embedded = text_embeddings(self.method, texts, self.tokenizer, self.seq_len, runtime)
+        return torch.nn.functional.normalize(embedded, dim=-1)
 
     @property
     def logit_scale(self) -> float:

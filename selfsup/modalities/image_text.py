@@ -34,7 +34,7 @@ from selfsup.data.tokenizer import TextTokenizer
 from selfsup.data.views import ImageViews, ViewsConfig, normalise
 from selfsup.encoders import IMAGE_INPUTS, TEXT_INPUTS
 from selfsup.errors import SelfsupError
-from selfsup.modalities.base import Assembly, FitData, Modality, Reader
+from selfsup.modalities.base import Assembly, Modality, Reader
 from selfsup.modalities.text import TOKENIZER_FILE, run_tokenizer
 from selfsup.train.runtime import Runtime
 
@@ -138,23 +138,44 @@ def retrieval_recall(similarity: Tensor, ks: tuple[int, ...] = RECALL_AT) -> dic
 
 
 @torch.no_grad()
-def pair_embeddings(method: nn.Module, data: PairSet, rows: Tensor, prepare, tokenizer: TextTokenizer, seq_len: int,
-                    runtime: Runtime, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(image [N, E], text [N, E]) embeddings of the rows' images and first captions in the method's
-    shared space (float32, CPU)."""
+def image_embeddings(method: nn.Module, images: Tensor, prepare, runtime: Runtime, batch_size: int = 256) -> Tensor:
+    """Unit embeddings [N, E] (float32, CPU) of uint8 images [N, C, H, W] in a pairs method's shared
+    space; `prepare` normalises a batch as the image tower was trained. The method is left as it was."""
     was_training = method.training
     method.eval()
-    images, texts = [], []
+    out = []
     try:
-        for start in range(0, len(rows), batch_size):
-            part = rows[start : start + batch_size]
-            ids, mask = caption_ids(tokenizer, [data.captions[int(i)][0] for i in part], seq_len)
+        for start in range(0, len(images), batch_size):
             with runtime.autocast():
-                images.append(method.embed_images(prepare(data.images[part].to(runtime.device))).float().cpu())
-                texts.append(method.embed_texts(ids.to(runtime.device), mask.to(runtime.device)).float().cpu())
+                out.append(method.embed_images(prepare(images[start : start + batch_size].to(runtime.device))).float().cpu())
     finally:
         method.train(was_training)
-    return torch.cat(images), torch.cat(texts)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_embeddings(method: nn.Module, texts: list[str], tokenizer: TextTokenizer, seq_len: int, runtime: Runtime,
+                    batch_size: int = 256) -> Tensor:
+    """Unit embeddings [N, E] (float32, CPU) of texts, tokenized as the run's captions (`caption_ids`)."""
+    was_training = method.training
+    method.eval()
+    out = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids, mask = caption_ids(tokenizer, texts[start : start + batch_size], seq_len)
+            with runtime.autocast():
+                out.append(method.embed_texts(ids.to(runtime.device), mask.to(runtime.device)).float().cpu())
+    finally:
+        method.train(was_training)
+    return torch.cat(out)
+
+
+def pair_embeddings(method: nn.Module, data: PairSet, rows: Tensor, prepare, tokenizer: TextTokenizer, seq_len: int,
+                    runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """(image [N, E], text [N, E]) embeddings of the rows' images and first captions in the method's
+    shared space (float32, CPU)."""
+    return (image_embeddings(method, data.images[rows], prepare, runtime),
+            text_embeddings(method, [data.captions[int(i)][0] for i in rows], tokenizer, seq_len, runtime))
 
 
 class ImageTextModality(Modality):
@@ -214,7 +235,6 @@ class ImageTextModality(Modality):
             {"image": {"in_channels": d.channels, "image_size": d.image_size},
              "text": {"vocab_size": tokenizer.vocab_size, "max_len": seq_len}},
             {"image": image_pre, "text": text_pre}, dict(cfg.method), monitor,
-            fit_data=FitData(train.images, lambda x: normalise(x, mean, std, d.image_size), runtime.device),
             tower_files={"text": {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},
         )
 
