@@ -88,7 +88,7 @@ def load_base(base: str, tower: str | None = None) -> tuple[nn.Module, dict[str,
 
 def rebuild_encoder(description: dict[str, Any]) -> nn.Module:
     """The architecture an `encoder` description (encoder.json's, or task.json's) names, untrained."""
-    return build_encoder(**{k: v for k, v in description.items() if k != "source"})
+    return build_encoder(**description)  # it ignores where the weights came from ("source", "init")
 
 
 def base_config(base: str, data: str | None) -> RunConfig:
