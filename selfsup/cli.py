@@ -91,15 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to write probe.json (default: inside the run directory)")
     p.add_argument("--compare-untrained", action="store_true",
                    help="also probe the same encoder as it was before pretraining (same architecture and seed)")
+    p.add_argument("--compare-raw", action="store_true",
+                   help="also probe the raw inputs (images: their pixels, as the demo does); other modalities have none")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="linear probe: iterations of its logistic-regression solver (default: the run's probe.max_iter, 1000)")
+    p.add_argument("--c-grid", type=float, nargs="+", default=None, metavar="C",
+                   help="linear probe: inverse L2 strengths to choose from by 3-fold cross-validation "
+                   "(default: the run's probe.c_grid, 0.01 0.1 1 10)")
     p.add_argument("--max-chunks", type=int, default=4,
                    help="text: a document's feature is the mean over its first N blocks of seq_len tokens (default 4)")
 
     p = sub.add_parser("adapt", help="train a classifier from a pretrained encoder with few labels",
                        description="Turn a pretraining run's encoder into a classifier on the labelled rows of its data "
                        "(or --data): a linear/MLP head on the frozen encoder, LoRA adapters + head, or a full fine-tune "
-                       "with layer-wise learning-rate decay. Scored on the run's held-out rows; early stopping on a "
-                       "validation tenth of the labels. `random:RUN` adapts the same architecture from scratch; `hf:DIR` adapts a "
-                       "local Hugging Face text encoder (with --data).")
+                       "with layer-wise learning-rate decay. Scored on the run's held-out rows. The linear head is fitted "
+                       "as `selfsup probe`'s linear probe (every budget label, C by cross-validation); the other modes "
+                       "stop early on a validation tenth of the labels. `random:RUN` adapts the same architecture from "
+                       "scratch; `hf:DIR` adapts a local Hugging Face text or speech encoder (with --data).")
     p.add_argument("base", help="a pretraining run directory, hf:DIR (a local Hugging Face folder), or random:RUN / "
                    "random:hf:DIR for the architecture freshly initialised")
     p.add_argument("--out", type=Path, required=True, help="task run directory to write")
@@ -110,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--k-shot", type=int, default=None, help="labelled examples per class instead of a fraction")
     p.add_argument("--data", help="labelled source instead of the base run's own data (same modality)")
     p.add_argument("--tower", default=None, help=TOWER_HELP)
-    p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50)")
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 head, 5e-4 lora, 1e-4 finetune)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default 50; not the linear head)")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5; not the linear head)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-3 mlp head, 5e-4 lora, 1e-4 finetune; not the linear head)")
+    p.add_argument("--batch-size", type=int, default=64, help="default 64; not the linear head")
+    p.add_argument("--max-iter", type=int, default=1000,
+                   help="linear head: iterations of its logistic-regression solver (default 1000, as the probe's)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--layer-decay", type=float, default=0.75, help="finetune: lr factor per layer below the top")
     p.add_argument("--text-chunks", type=int, default=4, help=TEXT_CHUNKS_HELP)
@@ -157,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", nargs="+", choices=SELECT_SCORES, default=list(SELECT_SCORES),
                    help="scores to compute, in this order (default: all)")
     p.add_argument("--max-samples", type=int, default=2000,
-                   help="embed at most this many labelled training rows, drawn stratified (default 2000)")
+                   help="embed at most this many labelled training rows, drawn stratified with at least 2 of "
+                   "every class that has them; classes with fewer are left out, with a note (default 2000)")
     p.add_argument("--validate", action="store_true", help="also adapt every base and compare the scores' order with it")
     p.add_argument("--mode", choices=["head", "lora", "finetune"], default="head", help="--validate: adapt mode (default head)")
     p.add_argument("--epochs", type=int, default=50, help="--validate: at most this many epochs (default 50)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
     given = args.config is not None or bool(args.overrides)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        sys.stdout.write(dump_config(cfg))
+        sys.stdout.write(dump_config(cfg, every_key=True))
         return
     if args.out is None:
         raise SelfsupError("pretrain needs --out DIR: the run directory to write")
@@ -53,16 +54,29 @@ def run_probe(args: argparse.Namespace) -> None:
     runtime = init_runtime(cfg.train.device, cfg.train.precision)
     train_y, test_y = train.labels[train_rows], holdout.labels[test_rows]
     fractions = args.fractions or cfg.probe.fractions
+    max_iter = cfg.probe.max_iter if args.max_iter is None else args.max_iter
+    c_grid = cfg.probe.c_grid if args.c_grid is None else args.c_grid
+    if max_iter < 1:
+        raise SelfsupError(f"--max-iter must be at least 1, got {max_iter}")
+    if not all(c > 0 and math.isfinite(c) for c in c_grid):
+        raise SelfsupError(f"--c-grid: inverse L2 strengths must be positive numbers, got {' '.join(map(str, c_grid))}")
+    if args.compare_raw and reader.raw_features(train, train_rows[:1]) is None:
+        raise SelfsupError(f"--compare-raw: {reader.modality} has no raw-input baseline (images do: their pixels); "
+                           "drop --compare-raw, or compare with --compare-untrained")
     candidates = [(meta["method"]["name"], encoder)]
     if args.compare_untrained:
         # The run's own starting point: same architecture, same seed, so the weights pretraining began from.
         candidates.append(("untrained", untrained_tower(run, cfg, role)))
+    settings = {"fractions": fractions, "seed": cfg.seed, "k": cfg.probe.knn_k, "probes": cfg.probe.probes,
+                "c_grid": c_grid, "max_iter": max_iter, "knob": "--max-iter"}
     results = []
+    if args.compare_raw:  # first, as the demo's table: the floor the encoders are read against
+        results += probe_suite("raw", reader.raw_features(train, train_rows), train_y,
+                               reader.raw_features(holdout, test_rows), test_y, **settings)
     for name, model in candidates:
         fx = reader.features(model, train, train_rows, runtime, chunks=args.max_chunks)
         ft = reader.features(model, holdout, test_rows, runtime, chunks=args.max_chunks)
-        results += probe_suite(name, fx, train_y, ft, test_y, fractions=fractions, seed=cfg.seed, k=cfg.probe.knn_k,
-                               probes=cfg.probe.probes)
+        results += probe_suite(name, fx, train_y, ft, test_y, **settings)
     print(format_table(results))
     from selfsup.files import write_atomic
 
@@ -78,12 +92,17 @@ def run_adapt(args: argparse.Namespace) -> None:
     cfg = AdaptConfig(mode=args.mode, head=args.head, label_fraction=args.label_fraction, k_shot=args.k_shot,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                       layer_decay=args.layer_decay, lora_rank=args.lora_rank, text_chunks=args.text_chunks,
-                      seed=args.seed)
+                      max_iter=args.max_iter, seed=args.seed)
     cfg.validate()
     metrics = adapt(args.base, args.out, cfg, data=args.data, overwrite=args.overwrite, tower=args.tower)
+    if cfg.fits_probe():
+        fitted = metrics["history"][0]
+        how = (f"C={fitted['C']:g}" + (f" by 3-fold cross-validation (accuracy {fitted['val_acc']:.4f})"
+                                        if fitted["val_acc"] is not None else " (too few labels per class to cross-validate)"))
+    else:
+        how = f"best validation {metrics['val_acc']:.4f} after {metrics['epochs']} epochs"
     print(f"{args.mode}: test accuracy {metrics['test_acc']:.4f}, balanced accuracy {metrics['test_balanced_acc']:.4f}, "
-          f"macro-F1 {metrics['test_macro_f1']:.4f} ({metrics['num_test']} held-out rows), "
-          f"best validation {metrics['val_acc']:.4f} after {metrics['epochs']} epochs, "
+          f"macro-F1 {metrics['test_macro_f1']:.4f} ({metrics['num_test']} held-out rows), {how}, "
           f"{metrics['num_train_labels']} training labels; task in {args.out}")
 
 

@@ -60,6 +60,7 @@ class TokenizerConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
+    minutes: float | None = None  # train for about this long instead: a few steps are timed first and `steps` is fixed to fit (written to config.yaml)
     batch_size: int = 256  # samples per optimizer step, over all ranks and accumulation micro-steps
     accum_steps: int = 1  # micro-steps per optimizer step (each sees batch_size / (accum_steps * ranks) samples)
     lr: float = 1e-3  # peak AdamW learning rate, reached after warm-up
@@ -86,6 +87,8 @@ class ProbeConfig:
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions, stratified
     probes: list[Literal["linear", "knn"]] = field(default_factory=lambda: ["linear", "knn"])  # which probes
     knn_k: int = 20  # neighbours that vote in the kNN probe
+    c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # linear probe: inverse L2 strengths C, one chosen by 3-fold cross-validation on the training labels
+    max_iter: int = 1000  # linear probe: L-BFGS iterations per fit; raise it when the probe says it stopped before converging
 
 
 @dataclass
@@ -349,12 +352,14 @@ def validate(cfg: RunConfig) -> None:
                 "train.log_every": t.log_every, "data.image_size": cfg.data.image_size, "probe.knn_k": cfg.probe.knn_k,
                 "data.seq_len": cfg.data.seq_len, "data.max_line_chars": cfg.data.max_line_chars,
                 "train.eval_max_blocks": t.eval_max_blocks, "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
-                "data.sample_rate": cfg.data.sample_rate}
+                "data.sample_rate": cfg.data.sample_rate, "probe.max_iter": cfg.probe.max_iter}
     for key, value in positive.items():
         if value < 1:
             raise SelfsupError(f"`{key}` must be at least 1, got {value}")
     if t.lr <= 0:
         raise SelfsupError(f"`train.lr` must be positive, got {t.lr}")
+    if t.minutes is not None and not t.minutes > 0:
+        raise SelfsupError(f"`train.minutes` must be positive (or null: train for `train.steps`), got {t.minutes}")
     if t.batch_size % t.accum_steps:
         raise SelfsupError(f"`train.batch_size` ({t.batch_size}) must be divisible by `train.accum_steps` ({t.accum_steps})")
     if not 0 <= t.warmup_fraction < 1:
@@ -375,6 +380,8 @@ def validate(cfg: RunConfig) -> None:
     for frac in cfg.probe.fractions:
         if not 0 < frac <= 1:
             raise SelfsupError(f"`probe.fractions` must be in (0, 1], got {frac}")
+    if not cfg.probe.c_grid or not all(c > 0 for c in cfg.probe.c_grid):
+        raise SelfsupError(f"`probe.c_grid` must list positive numbers (inverse L2 strengths), got {cfg.probe.c_grid}")
     method_config(cfg.method)
     spec = method_spec(cfg.method["name"])
     modality = get_modality(cfg.data.modality, "data.modality")
@@ -469,5 +476,45 @@ def _name(section: dict[str, Any], key: str) -> str:
     return name
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_config(cfg: RunConfig, every_key: bool = False) -> str:
+    """The config as YAML. `every_key` (`pretrain --print-config`) also lists every key the method,
+    each encoder and the views take, at its default: the sections otherwise hold only the given keys.
+    Keys the run fills from its tokenizer (MLM's mask_id) stay out, so feeding the output back as
+    --config changes nothing."""
+    tree = to_dict(cfg)
+    notes = []
+    if every_key:
+        notes = _fill_defaults(cfg, tree)
+    return yaml.safe_dump(tree, sort_keys=False) + "".join(f"# {note}\n" for note in notes)
+
+
+def _fill_defaults(cfg: RunConfig, tree: dict[str, Any]) -> list[str]:
+    """Fills `tree` (cfg as a dict) with the method's, encoders' and views' default knobs; returns notes."""
+    from selfsup.data.views import ViewsConfig
+    from selfsup.encoders import ENCODERS, encoder_config
+    from selfsup.methods import method_config, method_spec
+
+    spec = method_spec(cfg.method["name"])
+    method = to_dict(method_config(cfg.method))
+    notes = []
+    for key in spec.tokenizer_fields:
+        if key not in cfg.method:
+            method.pop(key, None)
+            notes.append(f"method.{key}: filled from the run's tokenizer unless given")
+    tree["method"] = {"name": cfg.method["name"], **method}
+
+    def filled(section: dict[str, Any]) -> dict[str, Any]:
+        name = section.get("name")
+        if name not in ENCODERS:  # an hf: tower: its architecture is its config.json
+            return section
+        knobs = {k: v for k, v in section.items() if k not in ("name", INIT_KEY)}
+        rest = {k: v for k, v in section.items() if k == INIT_KEY}
+        return {"name": name, **to_dict(encoder_config(name, knobs)), **rest}
+
+    if spec.towers is None:
+        tree["encoder"] = filled(tree["encoder"])
+    else:
+        tree["encoders"] = {role: filled(section) for role, section in tree["encoders"].items()}
+    if spec.inputs == "views":
+        tree["views"] = to_dict(from_dict(ViewsConfig, cfg.views, prefix="views."))
+    return notes

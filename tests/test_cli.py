@@ -1,5 +1,6 @@
 """The command line end to end: refusals, config errors, resume, signals, the demo."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -90,6 +91,44 @@ def test_print_config_needs_no_out(capsys):
     assert "steps: 7" in capsys.readouterr().out
     assert main(["pretrain", "train.steps=7"]) == EXIT_BAD_INPUT
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [[], ["method.name=mlm", "encoder.depth=3"], ["method.name=clip"]])
+def test_print_config_shows_every_knob_and_reads_back(tmp_path, capsys, overrides):
+    """Issue 17: --print-config lists the method's, each encoder's and the views' own keys at their
+    defaults (it showed only the given ones), and the printout fed back as --config is the same run."""
+    import yaml
+
+    from selfsup.config import dump_config, load_config
+    from selfsup.encoders import ENCODERS, encoder_config
+    from selfsup.methods import METHODS, method_config
+
+    assert main(["pretrain", "--print-config", *overrides]) == 0
+    printed = capsys.readouterr().out
+    tree = yaml.safe_load(printed)
+    spec = METHODS[tree["method"]["name"]]
+    method_keys = {f.name for f in dataclasses.fields(spec.config)} - set(spec.tokenizer_fields)
+    assert method_keys <= set(tree["method"]) and method_keys
+    sections = [tree["encoder"]] if spec.towers is None else list(tree["encoders"].values())
+    for section in sections:
+        assert {f.name for f in dataclasses.fields(ENCODERS[section["name"]].config_type)} <= set(section)
+    if spec.inputs == "views":
+        assert {"crop_scale", "jitter_p", "num_views"} <= set(tree["views"])
+    assert {"max_iter", "c_grid"} <= set(tree["probe"])
+    for key in spec.tokenizer_fields:
+        assert f"# method.{key}: filled from the run's tokenizer" in printed
+    if "encoder.depth=3" in overrides:
+        assert tree["encoder"]["depth"] == 3, "a given key keeps its value"
+    (tmp_path / "printed.yaml").write_text(printed)
+    again, original = load_config(tmp_path / "printed.yaml"), load_config(None, overrides)
+    assert dump_config(again, every_key=True) == printed, "the printout read back prints the same"
+    assert method_config(again.method) == method_config(original.method)
+    towers = [(again.encoder, original.encoder)] if spec.towers is None else [
+        (again.encoders[role], original.encoders[role]) for role in spec.towers]
+    for mine, theirs in towers:
+        knobs = [{k: v for k, v in section.items() if k != "name"} for section in (mine, theirs)]
+        assert encoder_config(mine["name"], knobs[0]) == encoder_config(theirs["name"], knobs[1])
+    assert (again.data, again.train, again.probe) == (original.data, original.train, original.probe)
 
 
 def test_data_list(capsys):

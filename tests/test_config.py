@@ -45,6 +45,10 @@ def test_unknown_key_names_nearest(override, expected):
     ("method.name=simclrr", "did you mean `simclr`"),
     ("encoder.name=resnet19", "resnet18"),
     ("views.flip_p=1.5", "flip_p"),
+    ("probe.max_iter=0", "`probe.max_iter` must be at least 1"),  # issue 17: the probe's solver knobs
+    ("probe.c_grid=[0.1, 0]", "`probe.c_grid` must list positive numbers"),
+    ("probe.c_grid=[]", "`probe.c_grid` must list positive numbers"),
+    ("probe.max_iter=5000", None),
 ])
 def test_bad_values_are_named(override, expected):
     if expected is None:

@@ -13,7 +13,10 @@ arXiv:2003.10555, appendix "layer-wise learning-rate decay"): with `depth` block
 
 and layer i trains at base_lr * decay ** (depth + 1 - i): the final norm and the task head at base_lr,
 the embeddings at base_lr * decay ** (depth + 1). An encoder whose embedding part has another name
-(a new front-end) adds it to EMBEDDING_NAMES; until then it would train at base_lr.
+(a new front-end) adds it to EMBEDDING_NAMES; until then it would train at base_lr. An encoder laid
+out otherwise says itself: a method `lr_layers() -> ({parameter name: layer id}, depth)` (the Hugging
+Face wrappers in `encoders/hf.py` find transformers' stack of layers). With decay 1 every layer
+trains at base_lr, so an encoder whose layers are unknown is fine-tuned then too.
 
 Weight decay follows `selfsup.train.optim.param_groups` (its groups are reused, not re-derived), so
 norms, biases, 1-d parameters and embedding tokens are not decayed. Frozen parameters are left out,
@@ -41,12 +44,15 @@ STACK_NAMES = ("blocks", "stages")
 
 def encoder_layers(encoder: nn.Module) -> tuple[dict[str, int], int]:
     """({parameter name: layer id} for every parameter, depth): ids 0..depth + 1 as in the module docstring."""
+    own = getattr(encoder, "lr_layers", None)
+    if callable(own):  # an encoder that knows its own layout (a Hugging Face model)
+        return own()
     stack_name = next((name for name in STACK_NAMES if isinstance(getattr(encoder, name, None), nn.Module)), None)
     if stack_name is None:
         raise SelfsupError(
             f"layer-wise learning rates need to know {type(encoder).__name__}'s layers: it has none of the "
-            f"attributes {', '.join(STACK_NAMES)} (a ViT's or text transformer's blocks, a ResNet's stages); "
-            f"fine-tune it with one learning rate (decay=1)"
+            f"attributes {', '.join(STACK_NAMES)} (a ViT's or text transformer's blocks, a ResNet's stages) and "
+            f"no lr_layers(); fine-tune it with one learning rate (--layer-decay 1)"
         )
     depth = len(getattr(encoder, stack_name))
     layers: dict[str, int] = {}
@@ -78,7 +84,11 @@ def layerwise_lr_groups(
         raise SelfsupError(f"the layer-wise learning-rate decay must be in (0, 1] (1 = no decay), got {decay!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise SelfsupError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-    layers, depth = encoder_layers(encoder)
+    if decay == 1 and not _knows_layers(encoder):
+        # Every layer trains at base_lr anyway: the layout is not needed (leverage's from-scratch side).
+        layers, depth = {name: 0 for name, _ in encoder.named_parameters()}, -1
+    else:
+        layers, depth = encoder_layers(encoder)
     no_decay = {id(p) for p in param_groups(encoder, weight_decay)[1]["params"]}
 
     # (layer, decays) -> (names, params), filled in the encoder's parameter order.
@@ -105,6 +115,11 @@ def layerwise_lr_groups(
                                    f"the encoder's (pass the head module, or only its parameters)")
             seen.add(id(param))
     return groups
+
+
+def _knows_layers(encoder: nn.Module) -> bool:
+    return callable(getattr(encoder, "lr_layers", None)) or any(
+        isinstance(getattr(encoder, name, None), nn.Module) for name in STACK_NAMES)
 
 
 def _head_groups(head: nn.Module | Iterable[nn.Parameter], base_lr: float, weight_decay: float,

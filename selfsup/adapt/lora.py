@@ -134,8 +134,8 @@ def add_lora(
             f"{type(module).__name__} has no nn.Linear layers for LoRA to adapt (its weighted layers are "
             f"{', '.join(kinds) or 'none'}; a ResNet's are convolutions, GPT-2's projections are transformers' "
             f"Conv1D); LoRA adapts the attention and MLP projections of transformer encoders such as vit_tiny, "
-            f"text_encoder or a BERT-style hf: folder: use mode=head (frozen encoder + head) or mode=finetune for "
-            f"this encoder"
+            f"text_encoder or a BERT-style hf: folder: adapt it with --mode head (frozen encoder + head) or "
+            f"--mode finetune instead"
         )
     chosen = [name for name in linears if any(_matches(name, t) for t in targets)]
     unmatched = [t for t in targets if not any(_matches(name, t) for name in linears)]

@@ -52,6 +52,14 @@ _SERIAL_BLAS_MAX_WORK = 2**27
 # Non-convergence is reported at WARNING once per process, then at DEBUG: a probe suite fits
 # dozens of models and one line is enough to tell the user to raise max_iter.
 _convergence_warned = False
+# Too few labels of a class to choose C by cross-validation: said once per process (then at DEBUG),
+# in selfsup's words rather than scikit-learn's "The least populated class in y has only 1 members".
+_tiny_class_said = False
+# The settings that raise the solver's iterations, named in its warning: the run config's key by
+# default (pretraining's and the demo's probes); `selfsup probe` and `adapt` pass their flag.
+MAX_ITER_KNOB = "probe.max_iter"
+DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0)
+DEFAULT_MAX_ITER = 1000
 
 
 @torch.no_grad()
@@ -99,12 +107,14 @@ def extract_features(
 
 
 def _fit_logistic(
-    x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int, model: LogisticRegression | None = None
+    x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int, model: LogisticRegression | None = None,
+    knob: str = MAX_ITER_KNOB,
 ) -> LogisticRegression:
     """Fit (or warm-start `model` at a new C) multinomial logistic regression; returns the model.
 
     Non-convergence is detected from n_iter_ rather than sklearn's warning (which is silenced),
-    so it is reported once instead of once per fit.
+    so it is reported once instead of once per fit, naming `knob`: the setting that raises max_iter
+    where the probe was asked for.
     """
     global _convergence_warned
     from sklearn.exceptions import ConvergenceWarning
@@ -119,6 +129,7 @@ def _fit_logistic(
         # a few labels of many classes (a 10 % probe of a long-tailed set) is a classification
         # problem still: sklearn's "could represent a regression problem" is noise here
         warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+        warnings.filterwarnings("ignore", message="The least populated class")  # selfsup says it: _fallback_c
         model.fit(x, y)
     if int(np.max(model.n_iter_)) >= max_iter:
         level = logging.DEBUG if _convergence_warned else logging.WARNING
@@ -126,16 +137,19 @@ def _fit_logistic(
         logger.log(
             level,
             "linear probe: logistic regression (C=%g, %d examples) stopped at max_iter=%d before converging; "
-            "accuracy may be slightly underestimated, raise max_iter if it matters (reported once)",
+            "accuracy may be slightly underestimated, raise it with %s if it matters (reported once)",
             c,
             len(x),
             max_iter,
+            knob,
         )
     return model
 
 
-def _select_c(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], max_iter: int, seed: int) -> float:
-    """The C with the best stratified k-fold accuracy on the training set; ties go to the smaller C.
+def _select_c(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], max_iter: int, seed: int,
+              knob: str = MAX_ITER_KNOB) -> tuple[float, float, float]:
+    """(the C with the best stratified k-fold accuracy on the training set, that accuracy, the mean
+    held-out log-loss at that C); ties go to the smaller C.
 
     Each fold standardises with its own training part, as the final probe does, so the held-out
     fold is scored exactly the way the test set will be. C values are fitted in increasing order
@@ -145,17 +159,82 @@ def _select_c(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], max_iter: i
     from sklearn.preprocessing import StandardScaler
 
     ascending = sorted(c_grid)
-    num_correct = np.zeros(len(ascending))
+    num_correct, loss_sum = np.zeros(len(ascending)), np.zeros(len(ascending))
     folds = StratifiedKFold(n_splits=_NUM_CV_FOLDS, shuffle=True, random_state=seed)
     for fit_idx, val_idx in folds.split(x, y):
         scaler = StandardScaler().fit(x[fit_idx])
         x_fit, x_val = scaler.transform(x[fit_idx]), scaler.transform(x[val_idx])
         model = None
         for i, c in enumerate(ascending):
-            model = _fit_logistic(x_fit, y[fit_idx], c, max_iter, seed, model)
-            num_correct[i] += np.sum(model.predict(x_val) == y[val_idx])
+            model = _fit_logistic(x_fit, y[fit_idx], c, max_iter, seed, model, knob)
+            probs = model.predict_proba(x_val)  # [n, classes], columns in model.classes_ order
+            num_correct[i] += np.sum(model.classes_[probs.argmax(axis=1)] == y[val_idx])
+            truth = np.searchsorted(model.classes_, y[val_idx])  # every class is in every fold (>= 3 each)
+            loss_sum[i] -= np.sum(np.log(np.clip(probs[np.arange(len(val_idx)), truth], 1e-15, None)))
     # argmax returns the first maximum, i.e. the strongest regularisation among equals.
-    return float(ascending[int(np.argmax(num_correct))])
+    best = int(np.argmax(num_correct))
+    return float(ascending[best]), float(num_correct[best] / len(y)), float(loss_sum[best] / len(y))
+
+
+@dataclass
+class LinearFit:
+    """A fitted linear probe: standardisation with the training statistics, then logistic regression."""
+
+    scaler: object  # sklearn StandardScaler: mean_, scale_ (1 for a constant feature)
+    model: object  # sklearn LogisticRegression: coef_ [classes or 1, D], intercept_, classes_
+    c: float  # the inverse L2 strength used
+    cv_accuracy: float | None  # out-of-fold accuracy at c; None when c was not cross-validated
+    cv_loss: float | None  # out-of-fold mean log-loss at c; None likewise
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(self.scaler.transform(x))
+
+
+def fit_linear_probe(
+    x: np.ndarray, y: np.ndarray, seed: int = 0, c_grid: Sequence[float] = DEFAULT_C_GRID,
+    max_iter: int = DEFAULT_MAX_ITER, knob: str = MAX_ITER_KNOB,
+) -> LinearFit:
+    """The linear probe fitted on training features `x` [N, D] and labels `y` [N] (numpy): C from
+    `c_grid` by stratified 3-fold cross-validation when every class has 3 examples, else C=1.0 (or the
+    grid's only value). `linear_probe_accuracy` scores it; `adapt --mode head` uses it as its head."""
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    if len(c_grid) == 0 or not all(math.isfinite(c) and c > 0 for c in c_grid):
+        raise SelfsupError(f"c_grid must be a non-empty list of positive numbers, got {list(c_grid)!r}")
+    if isinstance(max_iter, bool) or max_iter < 1:
+        raise SelfsupError(f"max_iter must be a positive integer, got {max_iter!r}")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise SelfsupError(
+            f"the linear probe's training set holds a single class ({classes[0].item()!r}): a classifier "
+            "needs at least two; use a larger label fraction or check the labels"
+        )
+    N_train, D = x.shape
+    serial = N_train * D * len(classes) <= _SERIAL_BLAS_MAX_WORK
+    cv_accuracy = cv_loss = None
+    with threadpool_limits(limits=1 if serial else None):
+        if len(c_grid) == 1:
+            chosen_c = float(c_grid[0])
+        elif counts.min() >= _NUM_CV_FOLDS:
+            chosen_c, cv_accuracy, cv_loss = _select_c(x, y, c_grid, max_iter, seed, knob)
+        else:
+            chosen_c = _fallback_c(classes, counts)
+        scaler = StandardScaler().fit(x)
+        model = _fit_logistic(scaler.transform(x), y, chosen_c, max_iter, seed, knob=knob)
+    return LinearFit(scaler, model, chosen_c, cv_accuracy, cv_loss)
+
+
+def _fallback_c(classes: np.ndarray, counts: np.ndarray) -> float:
+    """C when some class has too few labels to cross-validate, said once in selfsup's own words."""
+    global _tiny_class_said
+    level = logging.DEBUG if _tiny_class_said else logging.INFO
+    _tiny_class_said = True
+    smallest = int(np.argmin(counts))
+    logger.log(level, "linear probe: class %s has only %d training label(s), fewer than the %d that choosing C by "
+               "cross-validation needs; C=%g is used where a class is this small (reported once)",
+               classes[smallest].item(), int(counts[smallest]), _NUM_CV_FOLDS, _FALLBACK_C)
+    return _FALLBACK_C
 
 
 def linear_probe_accuracy(
@@ -164,8 +243,9 @@ def linear_probe_accuracy(
     test_x: Tensor,
     test_y: Tensor,
     seed: int = 0,
-    c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-    max_iter: int = 1000,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    max_iter: int = DEFAULT_MAX_ITER,
+    knob: str = MAX_ITER_KNOB,
 ) -> tuple[float, float]:
     """Test accuracy of a multinomial logistic-regression probe, and the C it used.
 
@@ -175,9 +255,6 @@ def linear_probe_accuracy(
     budget) cross-validation is meaningless and C=1.0 is used instead (or the only grid value, if
     the grid has one).
     """
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits  # installed with scikit-learn
-
     _check_split("train", train_x, train_y)
     _check_split("test", test_x, test_y)
     if train_x.shape[1] != test_x.shape[1]:
@@ -185,33 +262,10 @@ def linear_probe_accuracy(
             f"train and test features differ in width ({train_x.shape[1]} vs {test_x.shape[1]}): "
             "were they extracted by the same encoder?"
         )
-    if len(c_grid) == 0 or not all(math.isfinite(c) and c > 0 for c in c_grid):
-        raise SelfsupError(f"c_grid must be a non-empty list of positive numbers, got {list(c_grid)!r}")
-    if isinstance(max_iter, bool) or max_iter < 1:
-        raise SelfsupError(f"max_iter must be a positive integer, got {max_iter!r}")
-    x_train = train_x.detach().float().cpu().numpy()
-    y_train = train_y.detach().cpu().numpy()
-    x_test = test_x.detach().float().cpu().numpy()
-    y_test = test_y.detach().cpu().numpy()
-    classes, counts = np.unique(y_train, return_counts=True)
-    if len(classes) < 2:
-        raise SelfsupError(
-            f"the linear probe's training set holds a single class ({classes[0].item()!r}): a classifier "
-            "needs at least two; use a larger label fraction or check the labels"
-        )
-
-    N_train, D = x_train.shape
-    serial = N_train * D * len(classes) <= _SERIAL_BLAS_MAX_WORK
-    with threadpool_limits(limits=1 if serial else None):
-        if len(c_grid) == 1:
-            chosen_c = float(c_grid[0])
-        elif counts.min() >= _NUM_CV_FOLDS:
-            chosen_c = _select_c(x_train, y_train, c_grid, max_iter, seed)
-        else:
-            chosen_c = _FALLBACK_C
-        scaler = StandardScaler().fit(x_train)
-        model = _fit_logistic(scaler.transform(x_train), y_train, chosen_c, max_iter, seed)
-        accuracy = float(np.mean(model.predict(scaler.transform(x_test)) == y_test))
+    fit = fit_linear_probe(train_x.detach().float().cpu().numpy(), train_y.detach().cpu().numpy(), seed, c_grid,
+                           max_iter, knob)
+    accuracy = float(np.mean(fit.predict(test_x.detach().float().cpu().numpy()) == test_y.detach().cpu().numpy()))
+    chosen_c = fit.c
     return accuracy, chosen_c
 
 
@@ -240,10 +294,14 @@ def probe_suite(
     seed: int = 0,
     k: int = 20,
     probes: Sequence[str] = ("linear", "knn"),
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    max_iter: int = DEFAULT_MAX_ITER,
+    knob: str = MAX_ITER_KNOB,
 ) -> list[ProbeResult]:
     """Run every probe at every label fraction of the training set, scored on the full test set.
 
-    kNN uses min(k, the smallest class count in the subset) neighbours. The subsets come from `stratified_fraction` with one seed, so they are nested across
+    kNN uses min(k, the smallest class count in the subset) neighbours; the linear probe's solver
+    takes `c_grid` and `max_iter` (`knob` names the setting that raises it). The subsets come from `stratified_fraction` with one seed, so they are nested across
     fractions and identical across feature sets probed with the same labels and seed.
     """
     unknown = [p for p in probes if p not in PROBES]
@@ -263,7 +321,8 @@ def probe_suite(
         sub_x, sub_y = train_x[index], train_y[index]
         for probe in probes:
             if probe == "linear":
-                accuracy, _ = linear_probe_accuracy(sub_x, sub_y, test_x, test_y, seed=seed)
+                accuracy, _ = linear_probe_accuracy(sub_x, sub_y, test_x, test_y, seed=seed, c_grid=c_grid,
+                                                    max_iter=max_iter, knob=knob)
             else:
                 # With a few labels per class, k=20 neighbours would mostly be other classes' few
                 # examples: cap k at the smallest class's count in the subset.

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 
 from selfsup.adapt.bases import base_splits, load_base, rebuild_encoder
+from selfsup.adapt.sampling import require_two_classes
 from selfsup.adapt.task import (ADAPTER_WEIGHTS, METRICS, TASK_META, TASK_WEIGHTS, AdaptConfig, TaskModel,
-                                build_task_model, label_budget, predict_logits, test_metrics, train_task)
+                                budget_rows, build_task_model, fit_linear_head, label_budget, predict_logits,
+                                test_metrics, train_task)
 from selfsup.data.split import labelled_rows
 from selfsup.errors import SelfsupError
 from selfsup.files import build_dir, claim_output, names_in, write_atomic, write_with
@@ -41,20 +43,34 @@ def adapt(base: str, out: Path, cfg: AdaptConfig, *, data: str | None = None, ru
     run_cfg, train, holdout = base_splits(base, data)
     encoder, meta, reader = load_base(base, tower)
     train_rows, test_rows = labelled_rows(train, "training"), labelled_rows(holdout, "held-out")
-    fit_idx, val_idx = label_budget(train.labels[train_rows], cfg)
-    if len(val_idx) == 0:
-        raise SelfsupError("the label budget leaves no validation example; raise the label fraction or k_shot")
+    require_two_classes(train.labels[train_rows], train.classes, train.source)
+    if cfg.fits_probe():  # the linear probe's fit on every budget label: C by cross-validation, no validation tenth
+        fit_idx, val_idx = budget_rows(train.labels[train_rows], cfg), None
+    else:
+        fit_idx, val_idx = label_budget(train.labels[train_rows], cfg)
+        if len(val_idx) == 0:
+            raise SelfsupError("the label budget leaves no validation example; raise --label-fraction or --k-shot")
     num_classes = len(train.classes or []) or int(train.labels.max()) + 1
     model = build_task_model(encoder, num_classes, cfg)
-    parts = {name: reader.task_inputs(split, rows, cfg.text_chunks) for name, split, rows in
-             (("train", train, train_rows[fit_idx]), ("val", train, train_rows[val_idx]), ("test", holdout, test_rows))}
+    splits = [("train", train, train_rows[fit_idx]), ("test", holdout, test_rows)]
+    if val_idx is not None:
+        splits.append(("val", train, train_rows[val_idx]))
+    parts = {name: reader.task_inputs(split, rows, cfg.text_chunks) for name, split, rows in splits}
+    num_val = len(parts["val"]) if "val" in parts else 0
     log.info("adapt %s from %s: %d training labels, %d validation, %d test rows, %d classes",
-             cfg.mode, base, len(parts["train"]), len(parts["val"]), len(parts["test"]), num_classes)
-    history = train_task(model, parts["train"], parts["train"].labels, parts["val"], parts["val"].labels, cfg, runtime)
+             cfg.mode, base, len(parts["train"]), num_val, len(parts["test"]), num_classes)
+    if val_idx is None:
+        history = fit_linear_head(model, parts["train"], parts["train"].labels, cfg, runtime)
+        best, validation = history[0], ("3-fold cross-validation on the training labels" if history[0]["val_acc"]
+                                         is not None else "none: a class has fewer than 3 labels to cross-validate C")
+    else:
+        history = train_task(model, parts["train"], parts["train"].labels, parts["val"], parts["val"].labels, cfg,
+                             runtime)
+        best, validation = min(history, key=lambda h: h["val_loss"]), f"early stopping on {num_val} labels"
     test_logits = predict_logits(model, parts["test"], runtime)
     metrics = {**test_metrics(test_logits.argmax(1), parts["test"].labels),
-               "val_acc": min(history, key=lambda h: h["val_loss"])["val_acc"], "epochs": len(history),
-               "num_train_labels": len(parts["train"]), "num_val": len(parts["val"]), "num_test": len(parts["test"]),
+               "val_acc": best["val_acc"], "validation": validation, "epochs": len(history),
+               "num_train_labels": len(parts["train"]), "num_val": num_val, "num_test": len(parts["test"]),
                "history": history}
     _save(out, model, cfg, base, tower, meta, reader, train.classes, run_cfg.data.source, metrics)
     return metrics

@@ -109,3 +109,21 @@ def k_shot(labels: Tensor | np.ndarray, k: int, seed: int) -> np.ndarray:
             ", ".join(short_classes),
         )
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def require_two_classes(labels: Tensor | np.ndarray, classes: list[str] | None, where: str) -> None:
+    """Refuses training labels (class indices into `classes`, -1 unlabelled) that hold fewer than two classes.
+
+    A classifier trained on one class answers it for every input, and scored on rows of that class it
+    reaches an accuracy of 1.0 that means nothing; `adapt`, `leverage`, `select` and `evaluate` stop
+    here instead, naming the class, usually a sign of the wrong label column or a filtered source.
+    """
+    array = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    present = np.unique(array[array >= 0])
+    if len(present) >= 2:
+        return
+    names = [classes[i] if classes is not None and i < len(classes) else str(i) for i in present.tolist()]
+    found = f"every labelled training row is of the class {names[0]!r}" if names else "no training row is labelled"
+    raise SelfsupError(f"{where}: {found}; a classifier needs at least two classes (with one it always answers "
+                       "it, and its accuracy of 1.0 means nothing): label rows of other classes, or check "
+                       "data.label_column (the column holding the class)")

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from selfsup.data.decode import _BadFile, _BadFilePolicy, _decode_files, _FileKind, check_bad_file_settings
-from selfsup.data.sources import (_cell, _folder_labels, _manifest_group_columns, _manifest_items, _manifest_labels,
-                                  _read_manifest_rows, check_label_column, walk_files)
+from selfsup.data.sources import (_folder_labels, _manifest_group_columns, _manifest_groups, _manifest_items,
+                                  _manifest_labels, _read_manifest_rows, check_label_column, walk_files)
 from selfsup.errors import SelfsupError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
@@ -209,7 +209,7 @@ def _load_manifest(manifest: Path, decode: _Decoder, policy: _BadFilePolicy, lab
     kept, waves, bad = _decode_files(items, decode, policy, progress, AUDIO_FILES)
     rows = [rows[row] for row in kept]
     labels, classes = _manifest_labels(rows, columns, label_column)
-    groups = {column: [_cell(row, column) for _, row in rows] for column in group_columns}
+    groups = _manifest_groups(manifest, rows, group_columns)
     return AudioSet(waves=waves, ids=[ids[row] for row in kept], labels=labels, classes=classes, groups=groups,
                     source=str(manifest), num_skipped=len(bad), sample_rate=decode.sample_rate)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from selfsup.data.decode import _BadFilePolicy, _decode_all, check_bad_file_settings
-from selfsup.data.sources import (_cell, _manifest_group_columns, _manifest_items, _manifest_labels,
-                                  _read_manifest_rows)
+from selfsup.data.sources import (_cell, _manifest_group_columns, _manifest_groups, _manifest_items,
+                                  _manifest_labels, _read_manifest_rows, check_label_column)
 from selfsup.errors import SelfsupError
 
 PAIR_BUILTINS = ("emoji",)
@@ -129,6 +129,7 @@ def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_fie
                            f"columns are: {', '.join(columns) or '(none)'}")
     if not rows:
         raise SelfsupError(f"{manifest}: the manifest lists no image–caption pairs")
+    check_label_column(manifest, columns, label_column)
     group_columns = _manifest_group_columns(manifest, columns, group_columns)
     first_row: dict[str, int] = {}  # the file an image cell names -> index into `images`
     images: list[tuple[int, dict]] = []
@@ -148,7 +149,7 @@ def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_fie
     kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
     kept_rows = [images[i] for i in kept]
     labels, classes = _manifest_labels(kept_rows, columns, label_column)
-    groups = {column: [_cell(row, column) for _, row in kept_rows] for column in group_columns}
+    groups = _manifest_groups(manifest, kept_rows, group_columns)
     return PairSet(torch.from_numpy(pixels), [tuple(captions[i]) for i in kept], [ids[i] for i in kept], labels,
                    classes, groups, str(manifest), len(bad))
 

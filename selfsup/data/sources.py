@@ -7,13 +7,16 @@ to uint8 here, then resized by `images.images_from_array`.
 The rules every file-based source follows are here too, shared with audio (`audio.py`) and text:
 listing a folder (`walk_files`) and labelling it by class sub-folder (`_folder_labels`), reading a
 manifest's rows (`_read_manifest_rows`, `_cell`), keeping its paths inside its folder
-(`_manifest_items`), and its labels and subgroup columns (`_manifest_labels`, `_manifest_group_columns`).
+(`_manifest_items`), and its labels and subgroup columns (`check_label_column`, `_manifest_labels`,
+`_manifest_group_columns`, `_manifest_groups`). A row with an empty label is unlabelled; a row with an
+empty group value is kept, and how many there are is reported (`report_empty_groups`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +28,9 @@ from selfsup.data.images import IMAGE_EXTENSIONS, ImageSet, images_from_array
 from selfsup.errors import SelfsupError
 
 DEFAULT_LABEL_COLUMN = "label"  # a manifest without it is unlabelled; any other label column must exist
+MISSING_GROUP = "(missing)"  # how the subgroup audit shows an empty group value (evaluate/subgroups.MISSING)
+
+logger = logging.getLogger("selfsup")
 
 # ---------------------------------------------------------------------------------------------
 # Folders
@@ -136,7 +142,7 @@ def _load_manifest(manifest: Path, image_size: int, channels: int, policy: _BadF
     kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
     rows = [rows[row] for row in kept]
     labels, classes = _manifest_labels(rows, columns, label_column)
-    groups = {column: [_cell(row, column) for _, row in rows] for column in group_columns}
+    groups = _manifest_groups(manifest, rows, group_columns)
     return ImageSet(images=torch.from_numpy(pixels), ids=[ids[row] for row in kept], labels=labels,
                     classes=classes, groups=groups, source=str(manifest), num_skipped=len(bad))
 
@@ -150,6 +156,27 @@ def _manifest_group_columns(manifest: Path, columns: list[str], group_columns: l
         raise SelfsupError(f"{manifest}: no group column {', '.join(missing)}; "
                            f"columns are: {', '.join(columns)}")
     return group_columns
+
+
+def _manifest_groups(manifest: Path, rows: list[tuple[int, dict]], group_columns: list[str]) -> dict[str, list[str]]:
+    """Each group column's value per row ("" for an empty cell or a missing JSONL field), empty ones reported."""
+    groups = {column: [_cell(row, column) for _, row in rows] for column in group_columns}
+    report_empty_groups(manifest, groups, [f"{manifest.name}:{line_number}" for line_number, _ in rows])
+    return groups
+
+
+def report_empty_groups(source: str | Path, groups: dict[str, list[str]], where: list[str]) -> None:
+    """Warns, per group column, how many rows have an empty value and where the first ones are.
+
+    Such rows are kept, as rows with an empty label are (unlabelled): dropping them would change what is
+    trained on, and the subgroup audit shows them as the group "(missing)" so a column's counts still sum
+    to the rows evaluated. Saying so at load keeps a half-empty column from passing unnoticed."""
+    for column, values in groups.items():
+        empty = [where[i] for i, value in enumerate(values) if not value]
+        if empty:
+            shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+            logger.warning("%s: %d of %d rows have an empty '%s' (%s); they are kept and audited as the group %s",
+                           source, len(empty), len(values), column, shown, MISSING_GROUP)
 
 
 def _manifest_items(manifest: Path, rows: list[tuple[int, dict]]) -> tuple[list[tuple[Path, str]], list[str]]:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from selfsup.data.sources import _cell, _sorted_classes, walk_files
+from selfsup.data.sources import _cell, _sorted_classes, check_label_column, report_empty_groups, walk_files
 from selfsup.errors import SelfsupError
 
 TEXT_EXTENSIONS = (".txt",)
@@ -227,6 +227,8 @@ def _iter_jsonl(path: Path, reader: _LineReader, text_field: str, label_column: 
         columns = group_columns if group_columns is not None else [c for c in ("group",) if c in row]
         yield TextRecord(text, _cell(row, "id") or f"{path.name}:{line_number}",
                          _cell(row, label_column) or None, {column: _cell(row, column) for column in columns})
+    if seen:  # an empty file is refused by `_non_empty`, not as a file without the label column
+        check_label_column(path, sorted(seen), label_column)
     never = [column for column in group_columns or [] if column not in seen]
     if never:
         raise SelfsupError(f"{path}: no row has the group field {', '.join(never)}; "
@@ -246,6 +248,7 @@ def _iter_csv(path: Path, reader: _LineReader, text_field: str, label_column: st
         if text_field not in columns:
             raise SelfsupError(f"{path}: no '{text_field}' column (text_field) in the header; columns are: "
                                f"{', '.join(columns) or '(none: the file is empty)'}")
+        check_label_column(path, columns, label_column)
         if group_columns is None:
             group_columns = ["group"] if "group" in columns else []
         missing = [column for column in group_columns if column not in columns]
@@ -357,6 +360,7 @@ def texts_from_records(records: Iterable[TextRecord], source: str) -> TextSet:
         row_groups.append(record.groups)
     columns = list(dict.fromkeys(column for groups in row_groups for column in groups))
     groups = {column: [row.get(column, "") for row in row_groups] for column in columns}
+    report_empty_groups(source, groups, ids)
     present = {name for name in names if name is not None}
     if not present:
         return TextSet(texts, ids, None, None, groups, source)

@@ -59,6 +59,10 @@ class HFTextEncoder(nn.Module):
         weights = attention_mask.to(tokens.dtype).unsqueeze(-1)  # [B, L, 1]
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
 
+    def lr_layers(self) -> tuple[dict[str, int], int]:
+        """Each parameter's layer for layer-wise learning rates (`hf_layer_ids`)."""
+        return hf_layer_ids(self)
+
 
 class HFAudioEncoder(nn.Module):
     """A `transformers.AutoModel` speech encoder (wav2vec 2.0, HuBERT, ...) behind the selfsup Encoder
@@ -83,6 +87,46 @@ class HFAudioEncoder(nn.Module):
         counts = self.model._get_feat_extract_output_lengths(lengths).clamp(1, frames.shape[1])  # [B]
         real = (torch.arange(frames.shape[1], device=frames.device)[None, :] < counts[:, None]).to(frames.dtype)
         return (frames * real.unsqueeze(-1)).sum(dim=1) / counts.unsqueeze(1).to(frames.dtype)
+
+    def lr_layers(self) -> tuple[dict[str, int], int]:
+        """Each parameter's layer for layer-wise learning rates (`hf_layer_ids`)."""
+        return hf_layer_ids(self)
+
+
+def hf_layer_ids(encoder: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer id}, depth) of a wrapped transformers model, for layer-wise learning rates
+    (`adapt/finetune_groups.py`'s convention: 0 embeddings, 1..depth the blocks, depth + 1 the top).
+
+    The stack is the nn.ModuleList of `config.num_hidden_layers` modules holding the most parameters
+    (BERT's and RoBERTa's `encoder.layer`, GPT-2's `h`, wav2vec 2.0's and HuBERT's `encoder.layers`;
+    a speech model's convolutional feature encoder is a shorter or lighter list). What the model
+    registers before the stack (token and position embeddings, a speech model's feature encoder,
+    feature projection, position convolution and mask embedding) is layer 0; what it registers after
+    (a final norm) is the top. A stable-layer-norm speech model (`do_stable_layer_norm`) applies its
+    `encoder.layer_norm` after the blocks, so that norm is the top too."""
+    model = encoder.model
+    wanted = getattr(model.config, "num_hidden_layers", None)
+    stacks = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) > 0 and wanted in (None, len(module))]
+    if not stacks:
+        raise SelfsupError(f"layer-wise learning rates need to know {type(model).__name__}'s layers, and it holds no "
+                           f"list of its {wanted} hidden layers; fine-tune it with one learning rate (--layer-decay 1)")
+    stack_name, stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    depth = len(stack)
+    parent = stack_name.rpartition(".")[0]
+    final_norm = f"{parent}.layer_norm." if parent and getattr(model.config, "do_stable_layer_norm", False) else None
+    layers: dict[str, int] = {}
+    after_stack = False
+    for name, _ in encoder.named_parameters():
+        inner = name.removeprefix("model.")
+        if inner.startswith(stack_name + "."):
+            layers[name] = int(inner[len(stack_name) + 1 :].partition(".")[0]) + 1
+            after_stack = True
+        elif after_stack or (final_norm is not None and inner.startswith(final_norm)):
+            layers[name] = depth + 1
+        else:
+            layers[name] = 0
+    return layers, depth
 
 
 _HF_WRAPPERS = {"hf": HFTextEncoder, "hf_audio": HFAudioEncoder}  # encoder description name -> wrapper

@@ -35,6 +35,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from selfsup.adapt.run import load_task, task_split, write_predictions
+from selfsup.adapt.sampling import require_two_classes
+from selfsup.adapt.task import TASK_META
 from selfsup.adapt.task import features_and_logits
 from selfsup.errors import SelfsupError
 from selfsup.files import check_owned, mark, names_in, swap_dir, temp_dir, write_atomic, write_with
@@ -62,6 +64,8 @@ def evaluate_predictions(predictions: Path, *, group_columns: Sequence[str] | No
                          alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """The subgroup audit of a predictions CSV (`selfsup predict`'s format) on its labelled rows."""
     pred = read_predictions(Path(predictions))  # every group column: a pair may name one outside --groups
+    if pred.probs is not None:  # the p_ columns are the classes the model was trained on
+        require_two_classes(np.arange(len(pred.classes)), pred.classes, f"{predictions} (its p_ columns)")
     if not pred.groups:
         log.warning("%s: no group columns (columns between `confidence` and the p_ columns), so only overall "
                     "figures; sources with groups: emoji (skin_tone, subgroup), glyphs (family), manpages (package), "
@@ -79,9 +83,11 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     task_dir = Path(task_dir)
     began = time.perf_counter()
     model, task, reader = load_task(task_dir)
+    require_two_classes(np.arange(len(task["classes"] or [])), task["classes"], str(task_dir / TASK_META))
     runtime = runtime or init_runtime("auto", "auto")
     model.to(runtime.device)
     split, inputs = task_split(task, reader, data)
+    _check_group_columns(split, group_columns, pairs)
     rows_evaluated = "held-out rows" if data is None else f"every row of {data} (training rows included)"
     if split.labels is None or not bool((split.labels >= 0).any()):
         raise SelfsupError(f"{task_dir}: the rows to evaluate ({rows_evaluated}) carry no labels; evaluate on "
@@ -146,6 +152,18 @@ def evaluate_task(task_dir: Path, *, data: str | None = None, group_columns: Seq
     log.info("evaluation of %s written to %s in %.1f s", task_dir, out, result["seconds"])
     result["text"] = "\n\n".join(lines)
     return result
+
+
+def _check_group_columns(split: Any, group_columns: Sequence[str] | None, pairs: Sequence[tuple[str, str]]) -> None:
+    """Every column --groups and --pairs name is one of the evaluated data's group columns; checked before the
+    model runs, so the error names the data (the predictions file it would name is a temporary one)."""
+    asked = [("--groups", name, name) for name in group_columns or ()]
+    asked += [("--pairs", ":".join(pair), column) for pair in pairs if len(pair) == 2 for column in pair]
+    for flag, shown, column in asked:
+        if column not in split.groups:
+            raise SelfsupError(f"{flag} {shown}: the evaluated data ({split.source}) has no group column {column!r}; its "
+                               f"group columns are: {', '.join(split.groups) or '(none)'} (a manifest's are those "
+                               "data.group_columns named when the base was pretrained, else 'group')")
 
 
 def _describe_slices(found: dict[str, Any], reader: Any, split: Any, labelled: Tensor, out: Path) -> None:

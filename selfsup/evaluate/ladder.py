@@ -16,9 +16,11 @@ A rung is a total label count, drawn stratified (fraction N / labelled training 
 `k_shot` a number per class; a rung beyond the data is clipped to all of it, with a note.
 
 **Select.** Every candidate base embeds the same stratified sample of the labelled training rows
-with its frozen encoder; `score_bases` ranks them within a time budget. With `validate`, every
-base is also adapted on the same data and each score's Kendall tau against the accuracy reached
-says whether the score ordered the bases the way adaptation does.
+with its frozen encoder (`select_sample`: at least two rows of every class that has them, since the
+cross-validated scores need one to fit and one to score; a class with fewer is left out, and how
+many is said); `score_bases` ranks them within a time budget. With `validate`, every base is also
+adapted on the same data and, given three bases or more, each score's Kendall tau against the
+accuracy reached says whether the score ordered the bases the way adaptation does.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ import numpy as np
 import torch
 
 from selfsup.adapt.run import adapt
-from selfsup.adapt.sampling import stratified_fraction
+from selfsup.adapt.sampling import require_two_classes, stratified_fraction
 from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
 from selfsup.adapt.task import AdaptConfig
 from selfsup.data.split import labelled_rows
 from selfsup.errors import SelfsupError
 from selfsup.files import claim_output, mark, names_in, remove_owned, write_atomic
 from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
-from selfsup.evaluate.transferability import SCORES, format_ranking, score_accuracy_tau, score_bases
+from selfsup.evaluate.transferability import MIN_TAU_BASES, SCORES, format_ranking, score_accuracy_tau, score_bases
 from selfsup.train.runtime import Runtime, init_runtime
 
 log = logging.getLogger("selfsup")
@@ -68,6 +70,8 @@ METRICS = {"accuracy": "test_acc", "balanced_accuracy": "test_balanced_acc", "ma
 DEFAULT_NUM_RUNGS = 6
 # The smallest budget `adapt` can use: per class one label to train on and one to validate with.
 MIN_PER_CLASS = 2
+TWO_BASES = ("two bases cannot be ranked meaningfully (their Kendall tau is +1 or -1 by which of the two came "
+             f"first); give {MIN_TAU_BASES} or more to check whether a score orders bases as adaptation does")
 SCRATCH_NOTE = ("from scratch = random:BASE fine-tuned end to end (mode finetune, no layer decay): a frozen random "
                 "encoder is a random-features baseline, not supervised training from scratch")
 
@@ -75,7 +79,9 @@ SCRATCH_NOTE = ("from scratch = random:BASE fine-tuned end to end (mode finetune
 def _labelled_training(base: str, data: str | None) -> tuple[Any, Any, torch.Tensor]:
     """(run config, training split, indices of its labelled rows) of the data `base` is judged on."""
     cfg, train, _ = base_splits(base, data)
-    return cfg, train, labelled_rows(train, "training")
+    rows = labelled_rows(train, "training")
+    require_two_classes(train.labels[rows], train.classes, train.source)
+    return cfg, train, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +233,45 @@ def _check_metric(metric: str) -> None:
         raise SelfsupError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
 
 
+def select_sample(labels: torch.Tensor, max_samples: int, seed: int, min_per_class: int = MIN_PER_CLASS,
+                  classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[int]]:
+    """(sorted indices into `labels` of the rows select embeds, the classes left out of them).
+
+    Every class with at least `min_per_class` rows keeps at least that many: the cross-validated scores
+    (knn, linear_cv) need two per class, one to fit and one to score. A class with fewer cannot be
+    scored and is left out (the caller says how many). The rest of `max_samples` is shared among the
+    classes in proportion to the rows each has beyond its minimum (stratified), each class's rows drawn
+    in a seeded order. A `max_samples` below the minimums is an error that says what it must be.
+    """
+    y = labels.detach().cpu().numpy()
+    values, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+
+    def name(value: int) -> str:
+        return repr(str(classes[value]) if classes is not None and 0 <= value < len(classes) else str(value))
+
+    usable = counts >= min_per_class
+    dropped = values[~usable].tolist()
+    if int(usable.sum()) < 2:
+        have = ("only the class " + name(values[usable][0])) if usable.any() else "no class"
+        raise SelfsupError(f"{have} has {min_per_class} or more labelled training rows ({len(dropped)} class(es) have "
+                           f"fewer, e.g. {', '.join(name(v) for v in dropped[:5])}): the cross-validated scores "
+                           f"need {min_per_class} per class, one to fit and one to score, and ranking needs two classes; "
+                           "label more rows of the rare classes, or score with --scores logme alone")
+    need = min_per_class * int(usable.sum())
+    if max_samples < need:
+        raise SelfsupError(f"--max-samples {max_samples} cannot hold {min_per_class} row(s) of each of the "
+                           f"{int(usable.sum())} classes that have them; raise --max-samples to at least {need}")
+    total = int(counts[usable].sum())
+    if max_samples >= total:
+        take = np.where(usable, counts, 0)
+    else:
+        spare = np.where(usable, counts - min_per_class, 0)
+        take = np.where(usable, min_per_class + (spare * (max_samples - need)) // max(int(spare.sum()), 1), 0)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(inverse == c))[: int(take[c])] for c in range(len(values))]
+    return np.sort(np.concatenate(chosen)).astype(np.int64), dropped
+
+
 def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, scores: Sequence[str] = SCORES,
                  budget_s: float | None = 60.0, max_samples: int = 2000, validate: bool = False,
                  mode: Literal["head", "lora", "finetune"] = "head", epochs: int = 50, patience: int = 5,
@@ -257,10 +302,19 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     modality = next(iter(first_of))
     run_cfg, train, rows = _labelled_training(bases[0], data)
     source = run_cfg.data.source
+    # LogME scores any class; the cross-validated scores need two rows of each.
+    min_per_class = MIN_PER_CLASS if any(score != "logme" for score in scores) else 1
+    picked, dropped = select_sample(train.labels[rows], max_samples, seed, min_per_class, train.classes)
+    notes = []
+    if dropped:
+        num_rows = int(torch.isin(train.labels[rows], torch.tensor(dropped)).sum())
+        shown = ", ".join(repr(train.classes[c]) if train.classes else str(c) for c in dropped[:5])
+        notes.append(f"{len(dropped)} class(es) with fewer than {min_per_class} labelled training rows left out of the "
+                     f"sample ({num_rows} rows: {shown}{', ...' if len(dropped) > 5 else ''}): the cross-validated "
+                     "scores need one row to fit and one to score")
+        log.warning("select: %s", notes[-1])
+    rows = rows[torch.from_numpy(picked)]
     labels = train.labels[rows]
-    if len(rows) > max_samples:
-        rows = rows[torch.from_numpy(stratified_fraction(labels, max_samples / len(rows), seed))]
-        labels = train.labels[rows]
     runtime = runtime or init_runtime("auto", "auto")
     features, embed_seconds = {}, {}
     for name, (encoder, meta, reader) in loaded.items():
@@ -273,9 +327,11 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
     ranking = score_bases(features, labels.numpy(), scores=scores, budget_s=budget_s, seed=seed)
     _fresh_output(out, "select", SELECT_FILES)
     lines = [f"{len(bases)} base(s) on {len(rows)} labelled training rows of {source}"
-             + (f", budget {budget_s:g} s" if budget_s is not None else ""), format_ranking(ranking)]
+             + (f", budget {budget_s:g} s" if budget_s is not None else ""), *(f"note: {n}" for n in notes),
+             format_ranking(ranking)]
     result: dict[str, Any] = {"bases": bases, "tower": tower, "data": source, "modality": modality, "num_samples": len(rows),
-                              "num_classes": int(torch.unique(labels).numel()), "scores": list(scores),
+                              "num_classes": int(torch.unique(labels).numel()), "dropped_classes": len(dropped),
+                              "notes": notes, "scores": list(scores),
                               "budget_s": budget_s, "embed_seconds": embed_seconds, "ranking": ranking}
     if validate:
         result["validation"] = _validate(bases, ranking, adapt_cfg, source, out, keep, overwrite, runtime, metric, tower)
@@ -307,7 +363,9 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
     taus = score_accuracy_tau(ranking, accuracy)
     undefined = {s: "a score or the accuracies are all equal: no order to compare" for s, t in taus.items()
                  if t is not None and math.isnan(t)}
-    undefined.update({s: "computed for fewer than two bases (budget)" for s, t in taus.items() if t is None})
+    too_few = (TWO_BASES if len(bases) == 2 else "one base has no order to compare") if len(bases) < MIN_TAU_BASES \
+        else f"computed for fewer than {MIN_TAU_BASES} bases (budget)"
+    undefined.update({s: too_few for s, t in taus.items() if t is None})
     # Every metric's tau, whichever one was chosen: the scores estimate plain accuracy, and on imbalanced
     # classes their order can agree with accuracy and not with balanced accuracy (man pages: +1.0 vs -0.2).
     tau_by_metric = {}
@@ -324,6 +382,9 @@ def _format_validation(validation: dict[str, Any]) -> list[str]:
     metric = validation.get("metric", "accuracy").replace("_", " ")
     lines = [f"adapted ({validation['mode']}) test {metric}:"]
     lines += [f"  {name.ljust(width)}  {acc * 100:.1f} %" for name, acc in validation["accuracy"].items()]
+    if len(validation["accuracy"]) < MIN_TAU_BASES:
+        reason = TWO_BASES if len(validation["accuracy"]) == 2 else "one base has no order to compare"
+        return lines + [f"Kendall tau: not computed; {reason}"]
     taus = [f"{s} {'n/a' if t is None else f'{t:+.2f}'}" for s, t in validation["tau"].items()]
     lines.append(f"Kendall tau, score vs {metric} (1 = same order as adaptation): " + ", ".join(taus))
     lines += [f"  {s}: {why}" for s, why in validation["tau_undefined"].items()]

@@ -11,7 +11,9 @@ training anything (except the group probe):
   a high-dimensional sphere). Lower is better for both; they trade off.
 - **effective rank** of the embedding covariance (Roy & Vetterli 2007; RankMe, Garrido et al.
   2023), the training-time collapse statistic of `selfsup.nn.diagnostics`: how many directions
-  the embeddings really use.
+  the embeddings really use. With the normalised std, it decides whether the representation is
+  called **collapsed** (the training-time thresholds, `collapse_warning`), which the summary says
+  first, as the other statistics of a collapsed representation mean little.
 - **kNN label agreement**: the fraction of each point's k nearest (cosine) neighbours sharing its
   label; it says whether labels are local in the space, which is what kNN and linear probes need.
 - **group predictability**: cross-validated balanced accuracy of a logistic regression predicting
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.errors import SelfsupError
-from selfsup.nn.diagnostics import embedding_diagnostics
+from selfsup.nn.diagnostics import collapse_warning, embedding_diagnostics
 
 # Pairwise distances over this many rows take ~100 MB in float64 (N(N-1)/2 values); the
 # uniformity estimate over 5000 random rows (12.5 M pairs) has a standard error far below the
@@ -270,7 +272,8 @@ def representation_diagnostics(
     """Every diagnostic the inputs allow, as plain floats (JSON-serialisable).
 
     Always: uniformity, effective rank and the normalised std (the training-time collapse
-    statistics). With `pairs` (two index arrays into z, or two [P, D] matrices of the two views'
+    statistics), and "collapse": the training-time warning when they say the embeddings have
+    collapsed (normalised std far below 1, or one direction holding the variance), else None. With `pairs` (two index arrays into z, or two [P, D] matrices of the two views'
     embeddings): alignment. With `labels`: kNN label agreement and its chance level. With
     `groups` ({attribute: one value per row}): group predictability per attribute; an attribute
     with fewer than two probe-able groups gets {"skipped": reason} instead of failing the rest.
@@ -285,6 +288,8 @@ def representation_diagnostics(
         "effective_rank": float(collapse["embed_erank"]),
         "normalised_std": float(collapse["embed_std"]),
     }
+    result["collapse"] = collapse_warning({"embed_std": result["normalised_std"],
+                                           "embed_erank": result["effective_rank"]})
     if pairs is not None:
         a, b = _pair_embeddings(x, pairs)
         result["alignment"] = alignment(a, b)
@@ -306,8 +311,11 @@ def representation_diagnostics(
 
 def format_diagnostics(d: dict) -> str:
     """Plain-text summary of `representation_diagnostics`, one statistic a line with how to read it."""
-    lines = [
-        f"{d['num_rows']} embeddings of dimension {d['dim']}",
+    lines = [f"{d['num_rows']} embeddings of dimension {d['dim']}"]
+    if d.get("collapse"):
+        lines.append(f"COLLAPSED: {d['collapse']}; the statistics below, and any probe or audit of these "
+                     "features, say little")
+    lines += [
         f"uniformity      {d['uniformity']:.3f}  (0 = collapsed, lower = more spread)",
         f"effective rank  {d['effective_rank']:.1f}  (of at most {min(d['num_rows'], d['dim'])})",
         f"normalised std  {d['normalised_std']:.3f}  (~1 spread over the sphere, 0 collapsed)",

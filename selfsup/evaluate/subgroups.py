@@ -11,7 +11,12 @@ Two rules keep the audit honest. Rows with an empty group value form a group "(m
 of vanishing, so a column's counts always sum to the number of evaluated rows. Groups smaller than
 `min_n` are flagged "small", never dropped: a tiny group with bad accuracy is exactly what an audit
 must show, but it is not allowed to be named the worst group while groups of a trustworthy size
-exist, because its accuracy is mostly noise.
+exist, because its accuracy is mostly noise; its interval in the table is Wilson's, as in the
+report's plot, since the bootstrap's collapses to a point when every row is right (or wrong).
+
+Beside each group's accuracy stands its majority-class baseline: the accuracy of always answering
+that group's most common true label. Groups differ in how varied their labels are, and 0.5 on a
+group of four even classes is a better model than 0.9 on a group that is nine tenths one class.
 """
 
 from __future__ import annotations
@@ -76,10 +81,23 @@ def _metrics_on_rows(label: np.ndarray, pred: np.ndarray, conf: np.ndarray, rows
 def _encode(labels: Sequence[str], predictions: Sequence[str], classes: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, int]:
     """Class indices for labels and predictions over `classes` plus any other name they use (a label
     the model never saw is a class it always gets wrong)."""
-    names = list(dict.fromkeys([*classes, *sorted(set(labels) | set(predictions))]))
+    names = _class_names(labels, predictions, classes)
     index = {c: i for i, c in enumerate(names)}
     return (np.array([index[c] for c in labels], dtype=np.int64),
             np.array([index[c] for c in predictions], dtype=np.int64), len(names))
+
+
+def _class_names(labels: Sequence[str], predictions: Sequence[str], classes: Sequence[str] = ()) -> list[str]:
+    """The class of each index `_encode` gives: `classes`, then any other name used, sorted."""
+    return list(dict.fromkeys([*classes, *sorted(set(labels) | set(predictions))]))
+
+
+def majority_baseline(label: np.ndarray, names: Sequence[str]) -> dict[str, float | str]:
+    """{"class", "accuracy"}: the most common true label of encoded rows and the accuracy of always
+    answering it (ties go to the class listed first), the floor a model of these rows must beat."""
+    counts = np.bincount(label, minlength=len(names))
+    top = int(np.argmax(counts))
+    return {"class": names[top], "accuracy": float(counts[top] / len(label))}
 
 
 def _check_same_length(**arrays: Sequence) -> int:
@@ -232,25 +250,30 @@ def subgroup_report(pred: Predictions, group_columns: Sequence[str] | None = Non
     keep = np.array([label != "" for label in pred.labels])
     columns = {name: [v for v, k in zip(values, keep) if k] for name, values in columns.items()}
     label, guess, num_classes = _encode(rows.labels, rows.predictions, rows.classes)
+    names = _class_names(rows.labels, rows.predictions, rows.classes)
     conf = rows.confidence
     correct = label == guess
     n = len(rows)
     settings = dict(min_n=int(min_n), num_bootstrap=int(num_bootstrap), confidence_level=float(confidence_level),
                     alpha=float(alpha), seed=int(seed), num_bins=int(num_bins), test="Fisher exact, two-sided, group vs rest",
-                    correction="Holm within each column", interval="percentile bootstrap over rows")
+                    correction="Holm within each column", interval="percentile bootstrap over rows",
+                    small_interval="Wilson score interval for groups with n < min_n",
+                    baseline="majority: accuracy of always answering the rows' most common true label")
     overall = metrics_with_ci(label, guess, conf, num_classes, num_bootstrap=num_bootstrap,
                               confidence_level=confidence_level, rng=_rng(seed), num_bins=num_bins)
+    overall["majority_baseline"] = majority_baseline(label, names)
     report = {"source": pred.source, "n": n, "num_unlabelled": len(pred) - n, "settings": settings,
               "overall": overall, "columns": {}}
     for name, values in columns.items():
         report["columns"][name] = _column(name, np.array(values, dtype=object), label, guess, conf, correct,
-                                          num_classes, overall["accuracy"]["value"], settings)
+                                          names, overall["accuracy"]["value"], settings)
     return report
 
 
 def _column(name: str, values: np.ndarray, label: np.ndarray, guess: np.ndarray, conf: np.ndarray,
-            correct: np.ndarray, num_classes: int, overall_accuracy: float, settings: dict) -> dict:
+            correct: np.ndarray, names: list[str], overall_accuracy: float, settings: dict) -> dict:
     """One column's groups (worst first), its worst and best group and the gaps between them."""
+    num_classes = len(names)
     n_all, correct_all = len(values), int(correct.sum())
     groups = []
     for group in sorted(set(values)):
@@ -263,6 +286,7 @@ def _column(name: str, values: np.ndarray, label: np.ndarray, guess: np.ndarray,
         metrics["accuracy"]["wilson"] = list(wilson_interval(correct_in, n_in, settings["confidence_level"]))
         rest = n_all - n_in
         groups.append({"group": group, "n": n_in, "small": n_in < settings["min_n"], **metrics,
+                       "majority_baseline": majority_baseline(label[idx], names),
                        "gap_to_overall": metrics["accuracy"]["value"] - overall_accuracy,
                        "rest_accuracy": (correct_all - correct_in) / rest if rest else None,
                        "p_value": group_vs_rest_p(correct_in, n_in, correct_all, n_all)})
@@ -301,19 +325,37 @@ def _ci(m: dict) -> str:
     return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def _accuracy_cell(g: dict) -> str:
+    """A group's accuracy with its interval: Wilson's (marked W) for a small group, as the report's plot shows."""
+    wilson = g["accuracy"].get("wilson")
+    if g["small"] and wilson is not None:
+        return f"{g['accuracy']['value']:.3f} [{wilson[0]:.3f}, {wilson[1]:.3f}] W"
+    return _ci(g["accuracy"])
+
+
+def _majority(g: dict) -> str:
+    baseline = g.get("majority_baseline")
+    return "-" if baseline is None else f"{baseline['accuracy']:.3f}"
+
+
 def format_subgroups(report: dict) -> str:
     """The report as plain-text tables, one per column, worst group first, then a line naming the
-    worst group, its gaps and whether its difference from the rest is significant."""
+    worst group, its gaps and whether its difference from the rest is significant. A small group's
+    interval is Wilson's (W); "majority" is the group's majority-class baseline."""
     s, o = report["settings"], report["overall"]
     level = f"{100 * s['confidence_level']:g}%"
+    baseline = o.get("majority_baseline")
     lines = [f"{report['source']}: {report['n']} labelled rows"
              + (f" ({report['num_unlabelled']} unlabelled rows not evaluated)" if report["num_unlabelled"] else ""),
-             f"overall  accuracy {_ci(o['accuracy'])}  macro-F1 {_ci(o['macro_f1'])}  ECE {_ci(o['ece'])}",
+             f"overall  accuracy {_ci(o['accuracy'])}  macro-F1 {_ci(o['macro_f1'])}  ECE {_ci(o['ece'])}"
+             + (f"  majority {baseline['accuracy']:.3f} ({baseline['class']})" if baseline else ""),
              f"[{level} {s['interval']}, {s['num_bootstrap']} resamples; p: {s['test']}, {s['correction']}; "
-             f"* = p (Holm) < {s['alpha']:g}; small = n < {s['min_n']}]"]
-    head = ["group", "n", f"accuracy [{level} CI]", "macro-F1", "ECE", "gap", "p (Holm)", "flags"]
+             f"* = p (Holm) < {s['alpha']:g}; small = n < {s['min_n']}, its interval Wilson's (W), as the bootstrap's "
+             "collapses to a point when every row is right or wrong; majority = accuracy of always answering the "
+             "group's most common label, the floor its accuracy must beat]"]
+    head = ["group", "n", f"accuracy [{level} CI]", "majority", "macro-F1", "ECE", "gap", "p (Holm)", "flags"]
     for name, col in report["columns"].items():
-        table = [head] + [[g["group"], str(g["n"]), _ci(g["accuracy"]), f"{g['macro_f1']['value']:.3f}",
+        table = [head] + [[g["group"], str(g["n"]), _accuracy_cell(g), _majority(g), f"{g['macro_f1']['value']:.3f}",
                            f"{g['ece']['value']:.3f}", f"{g['gap_to_overall']:+.3f}", _p(g["p_holm"]),
                            " ".join(f for f, on in (("*", g["significant"]), ("small", g["small"])) if on)]
                           for g in col["groups"]]
@@ -323,10 +365,12 @@ def format_subgroups(report: dict) -> str:
             cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1])] + [r[-1]]
             lines.append("  " + "  ".join(cells).rstrip())
         w = col["worst_vs_rest"]
+        worst = next((g for g in col["groups"] if g["group"] == w["group"]), {})
+        floor = f" (majority baseline {_majority(worst)})" if worst.get("majority_baseline") else ""
         verdict = ("no other rows to compare with" if w["p_value"] is None else
                    f"vs the rest ({w['rest_accuracy']:.3f}): p (Holm) {_p(w['p_holm'])}, "
                    + ("significant" if w["significant"] else "not significant"))
-        lines.append(f"  worst: {w['group']} (n={w['n']}) accuracy {w['accuracy']:.3f}, "
+        lines.append(f"  worst: {w['group']} (n={w['n']}) accuracy {w['accuracy']:.3f}{floor}, "
                      f"{col['gap_worst_to_overall']:+.3f} vs overall, {col['gap_worst_to_best']:+.3f} vs best "
                      f"({col['best']}); {verdict}"
                      + ("" if col["worst_among"].startswith("groups with") else "; no group reaches min_n"))

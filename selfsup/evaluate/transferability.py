@@ -13,7 +13,8 @@ bases by cheap scores of those features, each timed, within an optional time bud
   its regularisation by an inner cross-validation): the most faithful and the most expensive.
 
 A score is only useful if it orders bases the way adaptation does; `kendall_tau` (tau-b) measures
-that agreement against the accuracies the bases reach after adaptation (`score_accuracy_tau`).
+that agreement against the accuracies the bases reach after adaptation (`score_accuracy_tau`), given
+three bases or more: two bases have one pair, so their tau is +1 or -1 by which came first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from selfsup.adapt.probes import knn_accuracy, linear_probe_accuracy
 from selfsup.errors import SelfsupError
 
 SCORES = ("logme", "knn", "linear_cv")
+MIN_TAU_BASES = 3  # with two bases, tau is +1 or -1 by the one pair's order: no ranking to validate
 
 # LogME fixed point: stop when lambda = alpha / beta moves by at most 0.1 % relative, as the
 # reference implementation does (thuml/LogME, `_fit_fixed_point`). The reference also stops after
@@ -199,11 +201,15 @@ def _folds(y: np.ndarray, num_folds: int, seed: int) -> list[tuple[np.ndarray, n
 
     if isinstance(num_folds, bool) or num_folds < 2:
         raise SelfsupError(f"folds must be an integer >= 2, got {num_folds!r}")
-    smallest = int(np.unique(y, return_counts=True)[1].min())
+    values, counts = np.unique(y, return_counts=True)
+    smallest = int(counts.min())
     if smallest < 2:
+        single = values[counts < 2].tolist()
+        shown = ", ".join(map(str, single[:10])) + (", ..." if len(single) > 10 else "")
         raise SelfsupError(
-            "a class has a single labelled example: cross-validated scores need at least 2 per class; "
-            "label more examples or drop the class"
+            f"{'classes' if len(single) > 1 else 'class'} {shown} {'have' if len(single) > 1 else 'has'} a single "
+            "labelled example: cross-validated scores need at least 2 per class (one to fit, one to score); "
+            "label more examples or leave those classes out (`selfsup select` leaves them out itself)"
         )
     splitter = StratifiedKFold(n_splits=min(num_folds, smallest), shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(y)), y))
@@ -429,8 +435,9 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 def score_accuracy_tau(results: Sequence[dict], accuracy: Mapping[str, float]) -> dict[str, float | None]:
     """Kendall tau-b between each score and the accuracy each base reached after adaptation.
 
-    Only bases with both a score and an accuracy count; a score with fewer than two such bases
-    gets None. This is how a transferability score is validated: tau = 1 means it orders the bases
+    Only bases with both a score and an accuracy count; a score with fewer than MIN_TAU_BASES (3) such
+    bases gets None, since two bases cannot be ranked meaningfully (their tau is +1 or -1 by the order
+    of one pair). This is how a transferability score is validated: tau = 1 means it orders the bases
     exactly as adaptation does.
     """
     if not results:
@@ -439,5 +446,5 @@ def score_accuracy_tau(results: Sequence[dict], accuracy: Mapping[str, float]) -
     for score in results[0]["scores"]:
         pairs = [(r["scores"][score], accuracy[r["name"]]) for r in results
                  if r["scores"].get(score) is not None and r["name"] in accuracy]
-        taus[score] = kendall_tau(*zip(*pairs)) if len(pairs) >= 2 else None
+        taus[score] = kendall_tau(*zip(*pairs)) if len(pairs) >= MIN_TAU_BASES else None
     return taus

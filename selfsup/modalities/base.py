@@ -180,6 +180,11 @@ class Reader(ABC):
                        generator: torch.Generator) -> Pairs:
         """Embeddings of two views of each of `rows` (indices into `inputs`), for alignment."""
 
+    def raw_features(self, data: Any, rows: Tensor) -> Tensor | None:
+        """The raw-input baseline [N, F] of the rows for `probe --compare-raw` (images: their pixels),
+        or None when this modality has none."""
+        return None
+
     @abstractmethod
     def examples(self, data: Any, rows: Tensor) -> dict[str, Any]:
         """What a report shows of these rows: {"images": uint8 [K, C, H, W]} or {"snippets": [str]}."""

@@ -84,6 +84,9 @@ class ImageReader(Reader):
             return Pairs(None, None, "no images")
         return Pairs(torch.cat(views[0]), torch.cat(views[1]), "two random crops (scale 0.5-1) of each image")
 
+    def raw_features(self, data: ImageSet, rows: Tensor) -> Tensor:
+        return raw_pixels(data.images[rows])
+
     def examples(self, data: ImageSet, rows: Tensor) -> dict[str, Any]:
         return {"thumbnail": grid_image([("nearest centre", data.images[rows].float() / 255)])}
 

@@ -256,8 +256,9 @@ def _training_data(task: Mapping[str, Any], metrics: Mapping[str, Any], pretrain
         + " — labels, if any, were not used.",
         f"- **Adaptation (labelled):** `{labelled_data or 'unknown'}`, {_label_budget(adapt)}: "
         f"{_count(metrics.get('num_train_labels'))} labelled training examples, "
-        f"{_count(metrics.get('num_val'))} for validation (early stopping), "
-        f"{_count(metrics.get('num_test'))} held-out test rows.",
+        + (f"{_count(metrics.get('num_val'))} for validation (early stopping), " if metrics.get("num_val") or
+           "validation" not in metrics else f"no validation rows (the linear head's C: {metrics['validation']}), ")
+        + f"{_count(metrics.get('num_test'))} held-out test rows.",
         "- The held-out rows are the pretraining run's held-out split: neither pretraining nor adaptation saw them.",
     ]
     return "\n".join(lines)

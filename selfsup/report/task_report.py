@@ -61,6 +61,12 @@ def _p(p: float | None) -> str:
     return "" if p is None else f"{p:.2g}"
 
 
+def _majority(group: dict[str, Any]) -> str:
+    """The group's majority-class baseline (evaluations written before it have none)."""
+    baseline = group.get("majority_baseline")
+    return "-" if baseline is None else f"{baseline['accuracy'] * 100:.1f} % ({html.escape(str(baseline['class']))})"
+
+
 def _wilson(group: dict[str, Any]) -> str:
     """Wilson's interval under a small group's bootstrap one, which can collapse to a point."""
     interval = group["accuracy"].get("wilson")
@@ -92,11 +98,13 @@ def _subgroup_section(sub: dict[str, Any]) -> list[str]:
         parts.append(figure_html(_bars(name, col, o["accuracy"]["value"], level), f"accuracy by {name}"))
         rows = "".join(
             f"<tr><td>{html.escape(g['group'])}</td><td>{g['n']}</td><td>{_ci(g['accuracy'])}{_wilson(g)}</td>"
-            f"<td>{g['macro_f1']['value']:.3f}</td><td>{g['ece']['value']:.3f}</td><td>{g['gap_to_overall'] * 100:+.1f}</td>"
+            f"<td>{_majority(g)}</td><td>{g['macro_f1']['value']:.3f}</td><td>{g['ece']['value']:.3f}</td>"
+            f"<td>{g['gap_to_overall'] * 100:+.1f}</td>"
             f"<td>{_p(g['p_holm'])}</td>"
             f"<td>{'<span class=flag>*</span> ' if g['significant'] else ''}{'small' if g['small'] else ''}</td></tr>"
             for g in col["groups"])
-        parts.append(f"<table><tr><th>{html.escape(name)}</th><th>n</th><th>accuracy [{level} CI]</th><th>macro-F1</th>"
+        parts.append(f"<table><tr><th>{html.escape(name)}</th><th>n</th><th>accuracy [{level} CI]</th>"
+                     f"<th title=\"accuracy of always answering the group's most common label\">majority</th><th>macro-F1</th>"
                      f"<th>ECE</th><th>gap (points)</th><th>p (Holm)</th><th>flags</th></tr>{rows}</table>")
     return parts
 
@@ -209,7 +217,9 @@ def _diagnostics_section(d: dict[str, Any]) -> list[str]:
                          f"{g['chance']:.3f}. Well above chance: the features encode {name}, a bias risk"))
     body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td style=\"text-align:left\">{html.escape(c)}</td></tr>"
                    for a, b, c in rows)
-    return ["<h2>Representation diagnostics</h2>",
+    collapsed = ([f"<p><span class=\"flag\">Collapsed representation</span>: {html.escape(d['collapse'])}; the "
+                  "statistics below, and any probe or audit of these features, say little.</p>"] if d.get("collapse") else [])
+    return ["<h2>Representation diagnostics</h2>", *collapsed,
             f"<table><tr><th>statistic</th><th>value</th><th>meaning</th></tr>{body}</table>"]
 
 
@@ -270,10 +280,12 @@ def write_task_report(task_dir: Path, leverage: Path | None = None) -> Path:
     title = f"selfsup report: {task_dir.name}"
     adapt_cfg = task["adapt"]
     sub = evaluation["subgroups"]
+    # the linear head has no validation rows: its C was cross-validated on the training labels
+    validation = f"+{metrics['num_val']} for validation" if metrics.get("num_val") else metrics.get("validation", "")
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>A {adapt_cfg['mode']} adaptation of <code>{html.escape(task['base'])}</code> to {len(task['classes'])} "
              f"classes of <code>{html.escape(str(task['data']))}</code> with {metrics['num_train_labels']} training labels "
-             f"(+{metrics['num_val']} for validation). Accuracy {_ci(sub['overall']['accuracy'])} on {sub['n']} "
+             f"({validation}). Accuracy {_ci(sub['overall']['accuracy'])} on {sub['n']} "
              f"{html.escape(evaluation.get('rows', 'held-out rows'))}.</p>"]
     parts += _subgroup_section(sub)
     parts += _slice_section(evaluation.get("slices"), eval_dir)

@@ -86,5 +86,33 @@ def test_hf_base_needs_data_and_a_real_folder(tmp_path, exported):
 def test_lora_on_a_gpt2_folder_names_its_conv1d_layers(tmp_path):
     run, corpus = tiny_text_run(tmp_path, "next_token", num_docs=40, steps=1)
     folder = export_hf(run, tmp_path / "hf")
-    with pytest.raises(SelfsupError, match=r"Conv1D.*mode=head"):
+    with pytest.raises(SelfsupError, match=r"Conv1D.*--mode head"):
         adapt(f"hf:{folder}", tmp_path / "task", AdaptConfig(mode="lora", epochs=1), data=str(corpus), runtime=CPU)
+
+
+def test_finetune_an_hf_folder_with_layer_decay(tmp_path, exported):
+    """Issue 17: `adapt hf:DIR --mode finetune` with its defaults (layer decay 0.75) must run: the
+    layer-wise learning rates know a transformers encoder's embeddings, layers and top."""
+    _, corpus, folder = exported
+    cfg = AdaptConfig(mode="finetune", epochs=1, patience=1, text_chunks=1)
+    assert cfg.layer_decay < 1
+    metrics = adapt(f"hf:{folder}", tmp_path / "task", cfg, data=str(corpus), runtime=CPU)
+    assert 0 <= metrics["test_acc"] <= 1
+    model, task, _ = load_task(tmp_path / "task")
+    assert task["adapt"]["mode"] == "finetune" and task["encoder"]["name"] == "hf"
+
+
+def test_leverage_and_select_run_on_an_hf_folder(tmp_path, exported):
+    """Issue 17: `leverage hf:DIR` failed always (its from-scratch side fine-tunes random:hf:DIR);
+    `select` with --validate adapts an hf: base and its random twin."""
+    from selfsup.evaluate.ladder import run_leverage, select_bases
+
+    _, corpus, folder = exported
+    result = run_leverage(f"hf:{folder}", tmp_path / "leverage", ladder=[12], num_seeds=1, data=str(corpus),
+                          epochs=1, patience=1, text_chunks=1, runtime=CPU)
+    assert [r["side"] for r in result["runs"]] == ["pretrained", "scratch"]
+    assert (tmp_path / "leverage" / "leverage.json").is_file()
+    for mode in ("lora", "finetune"):
+        chosen = select_bases([f"hf:{folder}", f"random:hf:{folder}"], tmp_path / f"select-{mode}", data=str(corpus),
+                              scores=["knn"], validate=True, mode=mode, epochs=1, text_chunks=1, runtime=CPU)
+        assert set(chosen["validation"]["accuracy"]) == {f"hf:{folder}", f"random:hf:{folder}"}

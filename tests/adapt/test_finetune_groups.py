@@ -122,3 +122,54 @@ def test_bad_arguments() -> None:
         layerwise_lr_groups(tiny_vit(), -1.0, DECAY, WD)
     with pytest.raises(SelfsupError, match="blocks, stages"):
         layerwise_lr_groups(nn.Linear(3, 3), BASE, DECAY, WD)
+
+
+def test_an_encoder_of_unknown_layout_fine_tunes_with_decay_one() -> None:
+    """Decay 1 puts every layer at base_lr, so the layout is not needed (leverage's from-scratch side);
+    with another decay the error names the flag that exists."""
+    linear = nn.Linear(3, 3)
+    got = by_name(layerwise_lr_groups(linear, BASE, 1.0, WD))
+    assert set(got) == {"weight", "bias"} and all(lr == pytest.approx(BASE) for lr, _ in got.values())
+    with pytest.raises(SelfsupError, match="--layer-decay 1"):
+        layerwise_lr_groups(linear, BASE, DECAY, WD)
+
+
+def _hf(kind: str, **extra) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from selfsup.encoders.hf import HFAudioEncoder, HFTextEncoder
+
+    small = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    if kind == "bert":
+        return HFTextEncoder(transformers.BertModel(transformers.BertConfig(vocab_size=40, **small)))
+    if kind == "gpt2":
+        return HFTextEncoder(transformers.GPT2Model(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2)))
+    # two conv layers and two transformer layers: the stack is the heavier list of two
+    config = transformers.Wav2Vec2Config(conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                                         num_conv_pos_embedding_groups=2, **small, **extra)
+    return HFAudioEncoder(transformers.Wav2Vec2Model(config))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "wav2vec2", "wav2vec2-stable"])
+def test_hugging_face_encoders_layers(kind: str) -> None:
+    """Issue 17: transformers encoders (the hf: wrappers) get layer-wise learning rates: embeddings
+    (or a speech model's feature encoder) lowest, block i at decay ** (depth - i), the final norm at base_lr."""
+    encoder = _hf(kind.partition("-")[0], **({"do_stable_layer_norm": True} if kind.endswith("stable") else {}))
+    groups = layerwise_lr_groups(encoder, BASE, DECAY, WD, head_params=nn.Linear(16, 3))
+    got = by_name(groups)
+    assert set(got) == {n for n, _ in encoder.named_parameters()} | {"head.weight", "head.bias"}
+    lowest, block0, block1, top = BASE * 0.5**3, BASE * 0.5**2, BASE * 0.5, BASE
+    expect = {
+        "bert": {"model.embeddings.word_embeddings.weight": lowest, "model.encoder.layer.0.attention.self.query.weight": block0,
+                 "model.encoder.layer.1.output.LayerNorm.bias": block1},
+        "gpt2": {"model.wte.weight": lowest, "model.wpe.weight": lowest, "model.h.0.attn.c_attn.weight": block0,
+                 "model.h.1.mlp.c_proj.bias": block1, "model.ln_f.weight": top},
+        "wav2vec2": {"model.feature_extractor.conv_layers.0.conv.weight": lowest, "model.masked_spec_embed": lowest,
+                     "model.feature_projection.projection.weight": lowest, "model.encoder.layer_norm.weight": lowest,
+                     "model.encoder.layers.0.attention.q_proj.weight": block0,
+                     "model.encoder.layers.1.feed_forward.output_dense.weight": block1},
+        "wav2vec2-stable": {"model.feature_extractor.conv_layers.1.conv.weight": lowest,
+                            "model.encoder.layers.0.attention.q_proj.weight": block0, "model.encoder.layer_norm.weight": top},
+    }[kind]
+    for name, lr in expect.items():
+        assert got[name][0] == pytest.approx(lr), name
+    assert got["head.weight"][0] == pytest.approx(BASE)

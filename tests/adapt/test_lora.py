@@ -244,7 +244,7 @@ def test_targets_match_name_suffixes() -> None:
 
 def test_add_lora_errors_say_what_to_do() -> None:
     resnet = build_encoder("resnet10", in_channels=3, image_size=8, width=4)
-    with pytest.raises(SelfsupError, match=r"no nn\.Linear.*ResNet.*mode=head.*mode=finetune"):
+    with pytest.raises(SelfsupError, match=r"no nn\.Linear.*ResNet.*--mode head.*--mode finetune"):
         add_lora(resnet)
     with pytest.raises(SelfsupError, match=r"'qvk' match no nn\.Linear.*blocks\.0\.attn\.qkv"):
         add_lora(tiny_vit(), targets=("qkv", "qvk"))

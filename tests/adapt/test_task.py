@@ -14,6 +14,7 @@ from selfsup.config import load_config
 from selfsup.errors import SelfsupError
 from selfsup.pretrain import pretrain
 from selfsup.train.runtime import Runtime, init_runtime
+from tests.conftest import TINY_RUN
 from tests.train.test_pretrain_text import tiny_text_run
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
@@ -30,6 +31,14 @@ def vit_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A ResNet of width 8 barely trained on scikit-learn's digits: features the probe and the head share."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    pretrain(load_config(None, TINY_RUN), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     return tiny_text_run(tmp_path_factory.mktemp("text"), num_docs=120)[0]
 
@@ -39,11 +48,14 @@ def test_adapt_then_predict_images(tmp_path, vit_run, mode):
     epochs = 40 if mode == "head" else 4  # the head trains on features computed once: epochs are cheap
     cfg = AdaptConfig(mode=mode, epochs=epochs, patience=epochs, label_fraction=0.5, lr=1e-3 if mode == "finetune" else 3e-3)
     metrics = adapt(str(vit_run), tmp_path / "task", cfg, runtime=CPU)
-    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["num_test"] == 359 and metrics["epochs"] == epochs
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["num_test"] == 359
     history = metrics["history"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    if mode == "head":
+    if mode == "head":  # the linear head is fitted as the probe: one fit, C by cross-validation, no validation tenth
         assert metrics["test_acc"] > 0.2, "digits from a few hundred labels are far above chance (10 %)"
+        assert len(history) == 1 and history[0]["C"] > 0 and 0 < history[0]["val_acc"] <= 1 and metrics["num_val"] == 0
+        assert metrics["validation"].startswith("3-fold cross-validation")
+    else:
+        assert metrics["epochs"] == epochs and history[-1]["train_loss"] < history[0]["train_loss"]
     model, task, _ = load_task(tmp_path / "task")
     assert task["adapt"]["mode"] == mode and len(task["classes"]) == 10
     out = predict(tmp_path / "task", tmp_path / "pred.csv", runtime=CPU)
@@ -154,3 +166,56 @@ def test_test_metrics_see_through_a_majority_class_guess():
     assert majority["test_macro_f1"] == pytest.approx((2 * 8 / 18) / 3)  # F1 of class 0 = 16/18, others 0
     perfect = test_metrics(labels.clone(), labels)
     assert perfect == {"test_acc": 1.0, "test_balanced_acc": 1.0, "test_macro_f1": 1.0}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_linear_head_is_as_good_as_the_probe(tmp_path, digits_run, capsys, fraction):
+    """Issue 17: `adapt --mode head` early-stopped on a validation set of 25 labels and scored 5 points
+    below `selfsup probe` on the same labels. On the same encoder, labels and fraction it must be
+    within 1 point of the probe's linear accuracy."""
+    assert main(["probe", str(digits_run), "--fractions", str(fraction), "--out", str(tmp_path / "probe.json")]) == 0
+    linear = next(r for r in json.loads((tmp_path / "probe.json").read_text()) if r["probe"] == "linear")
+    assert main(["adapt", str(digits_run), "--out", str(tmp_path / "task"), "--label-fraction", str(fraction)]) == 0
+    metrics = json.loads((tmp_path / "task" / "metrics.json").read_text())
+    assert metrics["num_train_labels"] + metrics["num_val"] == linear["num_labels"], "the same label budget"
+    assert metrics["test_acc"] >= linear["accuracy"] - 0.01, (metrics["test_acc"], linear["accuracy"])
+    assert abs(metrics["test_acc"] - linear["accuracy"]) <= 0.01
+
+
+def test_linear_head_with_too_few_labels_to_cross_validate_and_the_mlp_head(tmp_path, digits_run, capsys):
+    """Two labels per class cannot choose C by 3-fold cross-validation: C=1, as the probe, and adapt
+    says so; the MLP head still trains with early stopping on a validation tenth."""
+    assert main(["adapt", str(digits_run), "--out", str(tmp_path / "few"), "--k-shot", "2"]) == 0
+    assert "C=1 (too few labels per class to cross-validate)" in capsys.readouterr().out
+    few = json.loads((tmp_path / "few" / "metrics.json").read_text())
+    assert few["num_train_labels"] == 20 and few["num_val"] == 0 and few["val_acc"] is None
+    assert few["validation"].startswith("none")
+    mlp = adapt(str(digits_run), tmp_path / "mlp", AdaptConfig(head="mlp", epochs=2, label_fraction=0.2), runtime=CPU)
+    assert mlp["num_val"] > 0 and mlp["validation"] == f"early stopping on {mlp['num_val']} labels"
+
+
+def test_probe_exposes_its_solver_and_the_raw_baseline(tmp_path, digits_run, text_run, capsys, monkeypatch):
+    """Issue 17: the knob the probe's warning names exists (--max-iter; probe.max_iter in a run config),
+    --compare-raw adds the demo's raw-pixel row, a modality without raw inputs says so, and a class too
+    small to cross-validate is selfsup's message, not scikit-learn's warning."""
+    import warnings
+
+    from selfsup.adapt import probes
+
+    monkeypatch.setattr(probes, "_convergence_warned", False)
+    monkeypatch.setattr(probes, "_tiny_class_said", False)
+    out = tmp_path / "probe.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["probe", str(digits_run), "--fractions", "0.005", "1.0", "--compare-raw", "--max-iter", "2",
+                     "--c-grid", "0.1", "1", "--out", str(out)]) == 0
+    assert not [w for w in caught if "least populated" in str(w.message)]
+    printed = capsys.readouterr()
+    assert "raise it with --max-iter" in printed.err and "fewer than the 3 that choosing C" in printed.err
+    rows = json.loads(out.read_text())
+    assert {(r["features"], r["probe"]) for r in rows} >= {("raw", "linear"), ("raw", "knn"), ("simclr", "linear")}
+    assert next(r for r in rows if r["features"] == "raw" and r["label_fraction"] == 1.0)["accuracy"] > 0.8
+    assert main(["probe", str(text_run), "--compare-raw", "--out", str(tmp_path / "text.json")]) == EXIT_BAD_INPUT
+    assert "--compare-raw: text has no raw-input baseline" in capsys.readouterr().err
+    assert main(["probe", str(digits_run), "--max-iter", "0"]) == EXIT_BAD_INPUT
+    assert "--max-iter must be at least 1" in capsys.readouterr().err

@@ -161,6 +161,18 @@ def test_a_label_column_asked_for_by_name_must_exist(manifest_folder: Path) -> N
     assert load_image_source(str(manifest_folder / "u.csv"), image_size=4).labels is None
 
 
+def test_empty_group_cells_are_kept_counted_and_reported(manifest_folder: Path, caplog) -> None:
+    """An empty group cell is kept (as an empty label is) and audited as "(missing)"; the load says how many."""
+    import logging
+
+    (manifest_folder / "m.csv").write_text("path,site\nimg/0.png,x\nimg/1.png,\nimg/2.png,y\nimg/3.png,\n")
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        data = load_image_source(str(manifest_folder / "m.csv"), image_size=4, group_columns=["site"])
+    assert data.groups == {"site": ["x", "", "y", ""]}
+    assert "m.csv" in caplog.text and "2 of 4" in caplog.text and "'site'" in caplog.text
+    assert "m.csv:3" in caplog.text and "m.csv:5" in caplog.text and "(missing)" in caplog.text
+
+
 def test_manifest_without_path_column_lists_columns(manifest_folder: Path) -> None:
     (manifest_folder / "m.csv").write_text("file,label\nimg/0.png,a\n")
     with pytest.raises(SelfsupError, match=r"m\.csv.*no 'path' column.*file, label"):

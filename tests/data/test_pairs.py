@@ -67,6 +67,13 @@ def test_repeated_image_rows_become_one_item_with_several_captions(folder):
     assert data.num_skipped == 0 and data.source == str(manifest)
 
 
+def test_a_label_column_asked_for_by_name_must_exist(folder):
+    """As for image, audio and text manifests: a mistyped data.label_column names itself and the columns."""
+    manifest = write_csv(folder / "pairs.csv", ["image", "caption", "label"], [["img/0.png", "dark", "d"]])
+    with pytest.raises(SelfsupError, match=r"pairs\.csv: no label column 'lable'.*image, caption, label"):
+        load_pair_source(manifest, image_size=4, label_column="lable")
+
+
 def test_jsonl_cell_may_hold_a_list_of_captions(folder):
     manifest = write_jsonl(folder / "pairs.jsonl", [
         {"path": "img/1.png", "text": ["one", "two"]},

@@ -120,6 +120,54 @@ def test_csv_with_multiline_cell_labels_and_groups(tmp_path: Path) -> None:
         records(bad)
 
 
+def test_a_label_column_asked_for_by_name_must_exist(tmp_path: Path) -> None:
+    """A mistyped data.label_column is an error naming it and the columns, not an unlabelled corpus (issue 17)."""
+    jsonl = write(tmp_path / "c.jsonl", json.dumps({"text": "a", "label": "x", "lang": "en"}) + "\n"
+                  + json.dumps({"text": "b", "label": "y"}) + "\n")
+    with pytest.raises(SelfsupError, match=r"c\.jsonl: no label column 'labl' \(data\.label_column\).*label, lang, text"):
+        load_text_source(jsonl, label_column="labl")
+    table = write(tmp_path / "c.csv", "text,label\na,x\nb,y\n")
+    with pytest.raises(SelfsupError, match=r"c\.csv: no label column 'labl' \(data\.label_column\).*text, label"):
+        load_text_source(table, label_column="labl")
+    # The default column may be absent (unlabelled text); another column present in some rows only is fine.
+    assert load_text_source(write(tmp_path / "u.csv", "text\na\n")).labels is None
+    assert load_text_source(jsonl, label_column="lang").labels.tolist() == [0, -1]
+
+
+def test_empty_group_values_are_counted_and_reported(tmp_path: Path, caplog) -> None:
+    """A row with an empty group cell is kept (as an empty label is) and audited as "(missing)", and the load
+    says how many rows of which column are empty instead of passing over them in silence."""
+    import logging
+
+    table = write(tmp_path / "c.csv", "text,site\na,x\nb,\nc,y\nd, \n")
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        data = load_text_source(table, group_columns=["site"])
+    assert data.groups == {"site": ["x", "", "y", ""]}
+    assert "c.csv" in caplog.text and "2 of 4" in caplog.text and "'site'" in caplog.text
+    assert "c.csv:3" in caplog.text and "(missing)" in caplog.text
+    caplog.clear()
+    jsonl = write(tmp_path / "c.jsonl", json.dumps({"text": "a", "site": "x"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        assert load_text_source(jsonl, group_columns=["site"]).groups == {"site": ["x", ""]}
+    assert "1 of 2" in caplog.text and "c.jsonl:2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        load_text_source(write(tmp_path / "full.csv", "text,site\na,x\n"), group_columns=["site"])
+    assert caplog.text == ""
+
+
+def test_pretrain_stops_at_start_on_a_mistyped_label_column(tmp_path: Path, capsys) -> None:
+    from selfsup.cli import EXIT_BAD_INPUT, main
+
+    corpus = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": f"doc {i}", "label": str(i % 2)}) + "\n"
+                                                 for i in range(10)))
+    code = main(["pretrain", "--out", str(tmp_path / "run"), "method.name=mlm", "encoder.name=text_encoder",
+                 f"data.source={corpus}", "data.label_column=lable", "train.device=cpu"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "'lable'" in err and "label, text" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 

@@ -165,6 +165,17 @@ def test_groups_and_pairs_outside_them_and_all_rows_of_data(task, tmp_path):
     assert set(report["columns"]) == {"site", "site×half"}
 
 
+def test_an_unknown_group_column_is_named_with_the_data_and_its_columns(task):
+    """--groups and --pairs are checked against the evaluated data before the model runs, naming the data and
+    its group columns (not a temporary predictions file)."""
+    with pytest.raises(SelfsupError, match=r"--groups sight: .*planted\.npz.* no group column 'sight'.*: site") as err:
+        evaluate_task(task, group_columns=["sight"], runtime=CPU)
+    assert ".evaluation" not in str(err.value)
+    with pytest.raises(SelfsupError, match=r"--pairs site:sight: .*no group column 'sight'") as err:
+        evaluate_task(task, pairs=[("site", "sight")], runtime=CPU)
+    assert ".evaluation" not in str(err.value)
+
+
 def test_unlabelled_rows_are_refused_with_a_clear_error(task, tmp_path):
     x = np.zeros((40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "unlabelled.npz", x=x, site=np.array(["a"] * 40))

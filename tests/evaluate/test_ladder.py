@@ -9,7 +9,7 @@ from selfsup import cli
 from selfsup.cli import EXIT_BAD_INPUT, main
 from selfsup.config import load_config
 from selfsup.errors import SelfsupError
-from selfsup.evaluate.ladder import METRICS, default_ladder, resolve_ladder, run_leverage, select_bases
+from selfsup.evaluate.ladder import METRICS, default_ladder, resolve_ladder, run_leverage, select_bases, select_sample
 from selfsup.evaluate.transferability import SCORES
 from selfsup.pretrain import pretrain
 from selfsup.train.runtime import Runtime
@@ -65,7 +65,8 @@ def test_leverage_end_to_end_writes_table_plot_and_every_run(tmp_path, vit_run, 
         for seed in (0, 1):
             pair = [r for r in runs if r["num_labels"] == n and r["seed"] == seed]
             assert {r["side"] for r in pair} == {"pretrained", "scratch"}
-            assert len({(r["num_train_labels"], r["num_val"]) for r in pair}) == 1
+            # the linear head trains on all n (C cross-validated), fine-tuning keeps a validation tenth of them
+            assert len({r["num_train_labels"] + r["num_val"] for r in pair}) == 1
             assert pair[0]["num_train_labels"] + pair[0]["num_val"] == n
     scratch_task = json.loads((out / "runs" / "scratch-n20-s1" / "task.json").read_text())
     assert scratch_task["base"] == f"random:{vit_run}" and scratch_task["adapt"]["mode"] == "finetune"
@@ -142,6 +143,57 @@ def test_select_text_bases(tmp_path, text_run):
     assert result["modality"] == "text" and result["num_samples"] == 48  # 60 documents, a fifth held out
     assert [sorted(r["ranks"]) for r in result["ranking"]] == [["knn", "logme"]] * 2
     assert "validation" not in json.loads((tmp_path / "select.json").read_text())
+
+
+def _long_tailed(num_classes: int = 40) -> list[int]:
+    """Class c has 60 // (c + 1) rows: a head of a few classes and a tail of ten with a single example."""
+    return [c for c in range(num_classes) for _ in range(60 // (c + 1))]
+
+
+def test_select_sample_keeps_two_of_every_class_that_has_them():
+    labels = torch.tensor(_long_tailed())
+    counts = torch.bincount(labels)
+    rows, dropped = select_sample(labels, 100, seed=0)
+    kept = torch.bincount(labels[torch.from_numpy(rows)], minlength=len(counts))
+    assert len(rows) <= 100 and dropped == [c for c in range(40) if counts[c] < 2]
+    assert all(kept[c] >= 2 for c in range(40) if counts[c] >= 2) and all(kept[c] == 0 for c in dropped)
+    assert kept[0] > kept[5], "still stratified: the large classes keep more"
+    rows_again, _ = select_sample(labels, 100, seed=0)
+    assert rows.tolist() == rows_again.tolist()
+    everything, _ = select_sample(labels, 10_000, seed=0)
+    assert len(everything) == int(counts[counts >= 2].sum())
+    assert len(select_sample(labels, 10_000, seed=0, min_per_class=1)[0]) == len(labels)
+    with pytest.raises(SelfsupError, match=r"--max-samples 20 .* 2 row\(s\) of each of the 30 classes.*at least 60"):
+        select_sample(labels, 20, seed=0)
+    with pytest.raises(SelfsupError, match=r"only the class '0' has 2 or more"):
+        select_sample(torch.tensor([0, 0, 0, 1, 2]), 100, seed=0)
+
+
+def test_select_runs_with_its_defaults_on_a_long_tailed_text_label_set(tmp_path, capsys):
+    """Dozens of classes, some with one example, as real label sets are: select drops what no cross-validation
+    can use (saying how many), ranks the rest, and with two bases gives no Kendall tau as if it meant something."""
+    import random
+
+    from tests.train.test_pretrain_text import TOPICS, text_overrides
+
+    rng = random.Random(0)
+    words = " ".join(TOPICS.values()).split()
+    corpus = tmp_path / "tail.jsonl"
+    with corpus.open("w") as fh:
+        for i, label in enumerate(_long_tailed()):
+            text = f"topic{label} " + " ".join(rng.choice(words) for _ in range(rng.randint(10, 30)))
+            fh.write(json.dumps({"text": text, "label": f"class-{label}", "id": f"d{i}"}) + "\n")
+    run = tmp_path / "run"
+    pretrain(load_config(None, text_overrides(corpus, "mlm", **{"train.steps": 2})), run, show_progress=False)
+    out = tmp_path / "sel"
+    assert main(["select", "--bases", str(run), f"random:{run}", "--out", str(out), "--validate", "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "select.json").read_text())
+    assert result["num_classes"] >= 20 and result["dropped_classes"] > 0
+    assert f"{result['dropped_classes']} class(es)" in printed and "fewer than 2" in printed
+    assert all(r["scores"]["logme"] is not None for r in result["ranking"])
+    assert "two bases cannot be ranked meaningfully" in printed and "Kendall tau, score vs" not in printed
+    assert all(tau is None for tau in result["validation"]["tau"].values())
 
 
 def test_cli_bad_input_exits_2(tmp_path, vit_run, text_run, capsys):

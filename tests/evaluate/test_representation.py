@@ -157,10 +157,25 @@ def test_small_groups_are_merged_or_dropped():
         group_predictability(z, ["a"] * 58 + ["b"] * 2)
 
 
+def test_a_collapsed_representation_is_flagged_in_the_summary():
+    """Embeddings that all point the same way (normalised std far below 1) are called collapsed in the
+    summary, with the training-time thresholds, not left as one number among others (issue 17)."""
+    rng = np.random.default_rng(0)
+    collapsed = np.ones((60, 16)) + 1e-3 * rng.normal(size=(60, 16))
+    d = representation_diagnostics(collapsed)
+    assert d["normalised_std"] < 0.05 and "normalised std" in d["collapse"]
+    text = format_diagnostics(d)
+    assert text.splitlines()[1].startswith("COLLAPSED:") and "normalised std" in text.splitlines()[1]
+    one_direction = np.outer(rng.normal(size=60), rng.normal(size=16))  # rank one, but spread along it
+    assert "effective rank" in representation_diagnostics(one_direction)["collapse"]
+    json.dumps(d)
+
+
 def test_diagnostics_combine_what_applies_and_serialise():
     z, y = _blobs(num_classes=3, per_class=40, dim=8, spread=6.0)
     plain = representation_diagnostics(z)
-    assert set(plain) == {"num_rows", "dim", "uniformity", "effective_rank", "normalised_std"}
+    assert set(plain) == {"num_rows", "dim", "uniformity", "effective_rank", "normalised_std", "collapse"}
+    assert plain["collapse"] is None and "COLLAPSED" not in format_diagnostics(plain)
     assert plain["effective_rank"] == pytest.approx(effective_rank(z))
     rng = np.random.default_rng(11)
     views = z + 0.1 * rng.normal(size=z.shape)

@@ -130,6 +130,32 @@ def test_per_group_metrics_are_exact_and_counts_sum_to_n_with_a_missing_group():
     json.dumps(report, allow_nan=False)
 
 
+def test_text_table_gives_small_groups_wilson_intervals_and_every_group_its_majority_baseline():
+    """The printed table reads as the report's plot does (Wilson for small groups, whose bootstrap interval is a
+    point when every row is right), and beside each accuracy the accuracy of always answering the group's most
+    common label: 0.5 on four even classes beats that baseline, 0.9 on a group that is all one class does not."""
+    from selfsup.evaluate.subgroups import wilson_interval
+
+    labels = list("abcd" * 10) + ["a"] * 40 + ["b"] * 3
+    predictions = list("abxx" * 10) + ["a"] * 36 + ["b"] * 4 + ["b"] * 3
+    site = ["mixed"] * 40 + ["same"] * 40 + ["tiny"] * 3
+    report = subgroup_report(_preds(labels, predictions, {"site": site}), min_n=10, num_bootstrap=50)
+    by = {g["group"]: g for g in report["columns"]["site"]["groups"]}
+    assert by["mixed"]["accuracy"]["value"] == 0.5 and by["mixed"]["majority_baseline"]["accuracy"] == 0.25
+    assert by["same"]["majority_baseline"] == {"class": "a", "accuracy": 1.0} and by["same"]["accuracy"]["value"] == 0.9
+    assert by["tiny"]["majority_baseline"] == {"class": "b", "accuracy": 1.0}
+    assert report["overall"]["majority_baseline"] == {"class": "a", "accuracy": 50 / 83}
+    text = format_subgroups(report)
+    low, high = wilson_interval(3, 3)
+    tiny = next(line for line in text.splitlines() if line.strip().startswith("tiny"))
+    assert f"1.000 [{low:.3f}, {high:.3f}] W" in tiny and "[1.000, 1.000]" not in tiny
+    header = next(line for line in text.splitlines() if line.strip().startswith("group"))
+    assert "majority" in header and "Wilson" in text
+    mixed = next(line for line in text.splitlines() if line.strip().startswith("mixed"))
+    assert "0.250" in mixed and mixed.index("0.500") < mixed.index("0.250")
+    assert "majority 0.602 (a)" in text.splitlines()[1]
+
+
 def test_small_groups_are_flagged_kept_and_not_named_worst():
     pred = _planted({"big1": (90, 100), "big2": (80, 100), "tiny": (1, 5)})
     col = subgroup_report(pred, min_n=30, num_bootstrap=50)["columns"]["site"]

@@ -74,8 +74,9 @@ def test_pretrain_probe_adapt_evaluate_report_export(cache, tmp_path, capsys):
     cpu = __import__("selfsup.train.runtime", fromlist=["init_runtime"]).init_runtime("cpu", "fp32")
     torch.testing.assert_close(hf_reader.features(theirs, train, rows_, cpu), reader.features(ours, train, rows_, cpu),
                                atol=1e-4, rtol=1e-4)
-    assert main(["adapt", f"hf:{tmp_path / 'hf'}", "--data", "espeak", "--out", str(tmp_path / "hf-task"),
-                 "--epochs", "1"]) == 0
+    for mode in ("head", "lora", "finetune"):  # issue 17: every mode on an hf: speech base (finetune: layer decay)
+        assert main(["adapt", f"hf:{tmp_path / 'hf'}", "--data", "espeak", "--out", str(tmp_path / f"hf-{mode}"),
+                     "--mode", mode, "--epochs", "1"]) == 0
 
 
 def test_hubert_second_iteration_reads_its_targets_from_a_run(cache, tmp_path):
