@@ -15,7 +15,7 @@ DEB_PACKAGES := fonts-noto-core fonts-noto-color-emoji unicode-data manpages man
 	klettres-data espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test faults bench clean report-check
+.PHONY: setup system-packages demo test faults bench clean report-check gpu-check
 
 setup: $(STAMP) | system-packages
 
@@ -44,6 +44,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The CUDA path on a GPU machine: every objective a few steps in bf16, resumed, timed (bench/gpu.py);
+# with the peer environment, SimCLR/BYOL/DINO/MAE against lightly on the same GPU.
+gpu-check: setup
+	$(BIN)/python bench/gpu.py $(if $(wildcard $(BENCH_VENV)/bin/python),--peer-python $(BENCH_VENV)/bin/python)
 
 # The fault-injection suite in full (tests/faults: kill -9 at random moments, corrupted checkpoints,
 # a full disk, a killed DDP rank, SIGTERM at start-up and export, refused overwrites and resumes);

@@ -13,8 +13,17 @@ to the end of the optimizer and EMA step) after `--warmup` steps. With `--featur
 encoder (eval mode, no augmentation, normalised) embeds the bank and test images of the .npz with
 `_common.encoder_features` (selfsup's image preparation), under the run's precision as selfsup's kNN monitor does.
 
+`--device cuda` (or `cuda:N`; default `cpu`) runs the same loop on the GPU: `Runtime(device=...)`,
+the images on the device and the views made there (selfsup's own CUDA path: deferred host reads,
+fused AdamW with the device-side non-finite guard). The loop then reads its logged values every
+step (`log_every=1`) and calls `torch.cuda.synchronize()` before it reads the clock, so each step's
+time covers its kernels, not just their launch. TF32 is switched off for matmuls and cuDNN
+(`torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False`), so fp32 is
+plain fp32 (lightly_side.py does the same); the features are computed on the GPU and returned to
+the CPU. Without CUDA, `--device cuda` stops with a message before anything is built.
+
     .venv/bin/python bench/selfsup_side.py --method simclr --encoder resnet18 --data DATA.npz \\
-        [--precision bf16] [--features-out DIR] [--steps 8 --warmup 2 --batch 256 --threads 2]
+        [--precision bf16] [--device cuda] [--features-out DIR] [--steps 8 --warmup 2 --batch 256 --threads 2]
     .venv/bin/python bench/selfsup_side.py --encoder resnet10 --size 28 --channels 1   # builtin MNIST
 
 Without `--data` it trains on the builtin MNIST at `--size` px and `--channels`. Prints one JSON line.
@@ -43,6 +52,29 @@ def view_overrides(method: str, n_local: int, local_size: int) -> dict:
     return views
 
 
+def check_device(name: str, who: str):
+    """torch.device(name), or SystemExit with the reason when CUDA is asked for and not usable here."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{who}: --device {name} asks for CUDA, but torch.cuda.is_available() is False here "
+                             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"{who}: --device {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def device_name(name: str) -> str:
+    """argparse type for --device: cpu, cuda or cuda:N."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not cpu, cuda or cuda:N")
+    return name
+
+
 def load_data(data_path: Path | None, size: int, channels: int):
     """(train ImageSet, npz or None): the bench's shared .npz, or the builtin MNIST."""
     import numpy as np
@@ -65,6 +97,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = check_device(args.device, "selfsup_side")
+    cuda = device.type == "cuda"
+    if cuda:
+        if device.index is not None:  # set_device refuses a bare torch.device("cuda")
+            torch.cuda.set_device(device.index)
+        torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32, the same setting as lightly_side.py
+        torch.backends.cudnn.allow_tf32 = False
     import numpy as np
 
     from _common import encoder_features
@@ -88,9 +127,11 @@ def run(args: argparse.Namespace) -> dict:
     views_cfg = from_dict(ViewsConfig, view_overrides(args.method, args.n_local, args.local_size), prefix="views.")
     torch.manual_seed(args.seed)
     method = build_method({"name": args.method}, build_encoder(args.encoder, in_channels=channels, image_size=size))
-    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=10**9,
-                      precision=args.precision, device="cpu")
+    runtime = Runtime(device=device, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    # On CUDA the loop reads the device once per log_every steps; 1 makes it read and synchronize every
+    # step before the clock, so each step is timed on its own (on the CPU it reads every step anyway).
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9,
+                      log_every=1 if cuda else 10**9, precision=args.precision, device=args.device)
     preprocess = {"image_size": size, "channels": channels, "mean": mean, "std": std}
 
     def embed(folder: Path) -> None:
@@ -114,8 +155,12 @@ def run(args: argparse.Namespace) -> dict:
         "samples_per_s": median(speeds[args.warmup:] or speeds),
         "step_s": [round(args.batch / s, 3) for s in speeds], "final_loss": rows[-1]["loss"],
         "threads": args.threads, "batch": args.batch,
-        "views": views_cfg.num_views + getattr(views_cfg, "num_local", 0),
+        "views": views_cfg.num_views + getattr(views_cfg, "num_local", 0), "device": args.device,
     }
+    if cuda:
+        out["device_name"] = torch.cuda.get_device_name(device)
+        out["tf32"] = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20  # training (and the init embedding)
     if args.features_out is not None and npz is not None:
         tic = time.perf_counter()
         embed(args.features_out)
@@ -129,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--data", type=Path, help=".npz from bench/vision.py; omitted = builtin MNIST")
     parser.add_argument("--size", type=int, default=32, help="image side for the builtin MNIST")
     parser.add_argument("--channels", type=int, default=3, help="channels for the builtin MNIST")

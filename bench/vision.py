@@ -38,7 +38,31 @@ step. `ratio` = selfsup (fp32) / lightly (fp32), the same precision on both side
 selfsup (bf16 autocast) / lightly (fp32), recorded only where the CPU has bf16 units. OMP_WAIT_POLICY=PASSIVE and `--threads` threads
 on both sides; nothing else should run meanwhile (see shared/MACHINE.md).
 
-    .venv/bin/python bench/vision.py [--tasks simclr-resnet18 dino-vit_tiny] [--steps 8] [--warmup 2]
+On a GPU (`--device cuda` or `cuda:N`; default `cpu`, where all of the above holds unchanged) both
+sides get `--device`: each moves its model and batches to the GPU — selfsup makes its views there
+(its own CUDA path), lightly's transforms stay in its DataLoader on the CPU (that is how lightly
+works) and each batch is moved to the GPU inside the timed step. Every timed step is closed by
+`torch.cuda.synchronize()` before the clock is read, on both sides (selfsup's loop reads its
+values every step, `log_every=1`, and synchronizes). TF32 is off on both sides
+(`torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False`, recorded as
+`tf32`), so fp32 is plain fp32. Four runs per task:
+
+1. selfsup at what `precision=auto` picks on this GPU (bf16 autocast where
+   `torch.cuda.is_bf16_supported()`, `gpu_bf16`), with the kNN features;
+2. lightly at the same precision (its forward and loss under `torch.autocast("cuda",
+   torch.bfloat16)` too), with the kNN features — quality is compared at one precision on both sides;
+3. and 4. where that is bf16, selfsup and lightly again in fp32, throughput only (skipped by `--no-fp32`).
+
+`ratio` = selfsup (fp32) / lightly (fp32); `ratio_bf16` = selfsup (bf16) / lightly (bf16, `peer_bf16`),
+both sides under the same autocast. The features are computed on the GPU and returned to the CPU;
+`peak_gpu_mb` is each side's `torch.cuda.max_memory_allocated()` up to the end of its training
+steps. lightly's DataLoader gets `--peer-workers` worker processes, by default 0 on the CPU (why:
+the note at DEFAULT_PEER_WORKERS) and, on a GPU, min(8, CPU cores) — its examples use workers there, and with none the GPU would wait on
+single-process PIL transforms. selfsup's optimizer on CUDA is its fused AdamW, lightly's is
+PyTorch's default AdamW: each library's own. Every line records `device` and, on CUDA, `gpu`
+(`torch.cuda.get_device_name()`).
+
+    .venv/bin/python bench/vision.py [--tasks simclr-resnet18 dino-vit_tiny] [--steps 8] [--warmup 2] [--device cuda]
 
 Prints one JSON line per task (DESIGN.md, "Benchmarks"). The peer environment is built by
 `make .venv-bench/.stamp` (part of `make bench`).
@@ -65,11 +89,48 @@ SELFSUP_SIDE = BENCH / "selfsup_side.py"
 PEER_SIDE = BENCH / "peers" / "lightly_side.py"
 PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
 TASKS = ["simclr-resnet18", "byol-resnet18", "dino-resnet18", "dino-vit_tiny", "mae-vit_tiny"]
+
+
+def task_name(name: str) -> str:
+    """A --tasks entry, with the encoder's '-' read as '_' (mae-vit-tiny = mae-vit_tiny, as bench/gpu.py spells it)."""
+    method, _, encoder = name.partition("-")
+    return f"{method}-{encoder.replace('-', '_')}" if encoder else name
+
+
 # lightly's DataLoader workers: 0 or 2 were tied here (2 vCPUs; SimCLR and DINO ResNet-18 b256,
 # alternating runs, medians within the +-10 % noise of a shared machine), and 2 workers cost ~600 MB
 # more memory and compete with torch's two threads for the same cores, so the peer runs with 0
 # (its transforms run in the timed step). Re-check on an idle machine with --peer-workers 2.
 DEFAULT_PEER_WORKERS = 0
+# On a GPU the step itself is short and lightly's examples load with workers; with none the GPU would
+# wait on single-process PIL transforms, and the comparison would time those.
+DEFAULT_PEER_WORKERS_CUDA = min(8, os.cpu_count() or 1)
+
+
+def device_arg(name: str) -> str:
+    """argparse type for --device: cpu, cuda or cuda:N."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not cpu, cuda or cuda:N")
+    return name
+
+
+def cuda_info(name: str) -> dict:
+    """The GPU `name` names: {"gpu": its name, "gpu_bf16": bool}, or SystemExit saying why it is not usable here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"bench/vision.py: --device {name} asks for CUDA, but torch.cuda.is_available() is False "
+                         f"here (torch {torch.__version__}, built with CUDA {torch.version.cuda}); run it on a GPU "
+                         "machine, or leave --device at cpu")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"bench/vision.py: --device {name}, but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        return {"gpu": torch.cuda.get_device_name(index), "gpu_bf16": torch.cuda.is_bf16_supported()}
 
 
 def build_data(path: Path, dataset: str, size: int, bank: int, test: int, seed: int) -> dict:
@@ -162,7 +223,8 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
     size = int(npz["x"].shape[-1])
     common = ["--method", method, "--encoder", encoder, "--data", str(data_path), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-              "--n-local", str(args.n_local), "--local-size", str(args.local_size)]
+              "--n-local", str(args.n_local), "--local-size", str(args.local_size), "--device", args.device]
+    cuda = args.device != "cpu"
     base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     base_env["OMP_WAIT_POLICY"] = "PASSIVE"
     ours_env = {**base_env, "PYTHONPATH": str(REPO)}
@@ -177,7 +239,7 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
 
     # selfsup's own run at what precision=auto picks here; where that is bf16, an fp32 run too, so the
     # headline ratio compares fp32 with lightly's fp32.
-    auto = "bf16" if BF16_UNITS else "fp32"
+    auto = "bf16" if (args.gpu_bf16 if cuda else BF16_UNITS) else "fp32"
     ours = attempt("selfsup", errors, lambda: run_json(
         [sys.executable, str(SELFSUP_SIDE), *common, "--precision", auto, *side_args("selfsup")], ours_env), wall)
     ours32 = ours if auto == "fp32" else None
@@ -185,9 +247,16 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
         ours32 = attempt("selfsup_fp32", errors, lambda: run_json(
             [sys.executable, str(SELFSUP_SIDE), *common, "--precision", "fp32"], ours_env), wall)
     recipe = attempt("recipe", errors, lambda: peer_recipe(method, args.n_local, args.local_size)) or {}
+    peer_cmd = [str(args.peer_python), str(PEER_SIDE), *common, "--workers", str(args.peer_workers),
+                "--recipe", json.dumps(recipe)]
+    # On the CPU lightly runs in fp32 (its default) only. On a GPU it runs at selfsup's auto precision
+    # (bf16 autocast on both sides for ratio_bf16 and the kNN features), and in fp32 for the headline ratio.
+    peer_precision = auto if cuda else "fp32"
     peer = attempt("peer", errors, lambda: run_json(
-        [str(args.peer_python), str(PEER_SIDE), *common, "--workers", str(args.peer_workers),
-         "--recipe", json.dumps(recipe), *side_args("peer")], base_env), wall)
+        [*peer_cmd, *(["--precision", peer_precision] if cuda else []), *side_args("peer")], base_env), wall)
+    peer32 = peer if peer_precision == "fp32" else None
+    if peer_precision == "bf16" and not args.no_fp32 and peer is not None:
+        peer32 = attempt("peer_fp32", errors, lambda: run_json([*peer_cmd, "--precision", "fp32"], base_env), wall)
 
     knn_acc = {"selfsup": None, "peer": None}
     knn_init = {"selfsup": None, "peer": None}
@@ -199,13 +268,15 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
 
     value = lambda r: None if r is None else round(r["samples_per_s"], 2)  # noqa: E731
     views = f"{size}px" + (f"+{args.n_local}x{args.local_size}px" if method == "dino" and args.n_local else "")
+    version = (peer or peer32 or {}).get("version")
     line = {
         "bench": "vision", "task": f"{method} {encoder} {views} b{args.batch}", "metric": "samples_per_s",
         "selfsup": value(ours32), "selfsup_setting": "fp32", "precision": "fp32",
-        "peer": f"lightly {peer['version']}" if peer else "lightly", "peer_value": value(peer),
+        "peer": f"lightly {version}" if version else "lightly", "peer_value": value(peer32),
         "peer_setting": f"fp32, DataLoader num_workers={args.peer_workers}",
-        "ratio": round(ours32["samples_per_s"] / peer["samples_per_s"], 3) if ours32 and peer else None,
+        "ratio": round(ours32["samples_per_s"] / peer32["samples_per_s"], 3) if ours32 and peer32 else None,
         "selfsup_bf16": value(ours) if auto == "bf16" else None,
+        # `peer` ran at peer_precision: fp32 on the CPU, the same bf16 autocast as selfsup on a GPU
         "ratio_bf16": round(ours["samples_per_s"] / peer["samples_per_s"], 3) if auto == "bf16" and ours and peer
         else None,
         "cpu_bf16": BF16_UNITS, "quality_precision": auto,
@@ -214,6 +285,21 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
         "quality": {"knn_acc": knn_acc},
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "omp_wait_policy": "PASSIVE",
     }
+    if cuda:
+        line["peer_setting"] += ", transforms on the CPU, batches moved to the GPU in the step"
+        line["peer_bf16"] = value(peer) if peer_precision == "bf16" else None
+        line["peer_bf16_setting"] = "bf16 autocast (forward and loss), as selfsup" if peer_precision == "bf16" else None
+        line["gpu_bf16"] = args.gpu_bf16
+        line["quality_precision"] = f"{auto} (both sides)"
+        line["tf32"] = {side: r.get("tf32") if r else None for side, r in (("selfsup", ours32 or ours), ("peer", peer32 or peer))}
+        gpu_mb = lambda r: None if r is None or "peak_gpu_mb" not in r else round(r["peak_gpu_mb"])  # noqa: E731
+        line["peak_gpu_mb"] = {"selfsup": gpu_mb(ours32), "peer": gpu_mb(peer32)}
+        if auto == "bf16":
+            line["peak_gpu_mb"].update(selfsup_bf16=gpu_mb(ours), peer_bf16=gpu_mb(peer))
+        line["timing"] = "each step closed by torch.cuda.synchronize() before the clock, both sides"
+    line["device"] = args.device
+    if cuda:
+        line["gpu"] = args.gpu
     if args.init_knn:
         line["quality"]["knn_acc_random_init"] = knn_init
     if peer and peer.get("peak_rss_workers_mb"):
@@ -230,7 +316,7 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, metavar="TASK",
+    parser.add_argument("--tasks", nargs="+", type=task_name, choices=TASKS, default=TASKS, metavar="TASK",
                         help=f"method-encoder pairs (default: all of {' '.join(TASKS)})")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
@@ -244,14 +330,25 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=1000, help="held-out images scored by kNN (at most the holdout)")
     parser.add_argument("--no-init-knn", dest="init_knn", action="store_false",
                         help="skip scoring both sides' random-init encoders (the baseline beside the trained one)")
-    parser.add_argument("--no-fp32", action="store_true", help="on a CPU with bf16 units, skip selfsup's fp32 run (the headline fp32 ratio is then not measured)")
-    parser.add_argument("--peer-workers", type=int, default=DEFAULT_PEER_WORKERS, help="lightly DataLoader workers")
+    parser.add_argument("--no-fp32", action="store_true", help="on a CPU with bf16 units, skip selfsup's fp32 run; on "
+                        "a GPU with bf16, both sides' fp32 runs (the headline fp32 ratio is then not measured)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="cpu (default), cuda or cuda:N: where both sides train and embed")
+    parser.add_argument("--peer-workers", type=int, default=None,
+                        help=f"lightly DataLoader workers (default {DEFAULT_PEER_WORKERS} on the CPU, "
+                             f"min(8, CPU cores) = {DEFAULT_PEER_WORKERS_CUDA} here on a GPU)")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the lightly environment")
     parser.add_argument("--keep", type=Path, help="keep the data and features in this folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.warmup >= args.steps:
         parser.error("--warmup must be smaller than --steps")
+    args.gpu, args.gpu_bf16 = None, False
+    if args.device != "cpu":
+        info = cuda_info(args.device)
+        args.gpu, args.gpu_bf16 = info["gpu"], info["gpu_bf16"]
+    if args.peer_workers is None:
+        args.peer_workers = DEFAULT_PEER_WORKERS if args.device == "cpu" else DEFAULT_PEER_WORKERS_CUDA
     if not args.peer_python.exists():
         raise SystemExit(f"bench/vision.py: no lightly environment at {args.peer_python}; "
                          "build it with `make .venv-bench/.stamp` (or pass --peer-python)")

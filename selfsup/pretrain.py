@@ -29,7 +29,7 @@ from selfsup.modalities.base import Assembly
 from selfsup.rundir import (CONFIG_FILE, STARTING, TRAINING, claim_run_dir, clear_run_dir, release_run_dir,
                             resolve_tower, starting_towers, tower_dir)
 from selfsup.train import checkpoint
-from selfsup.train.loop import FitResult, fit
+from selfsup.train.loop import FitResult, fit, steps_for_budget
 from selfsup.train.runtime import Runtime, init_runtime
 from selfsup.train.stop import Interrupted, StopSignal
 
@@ -100,6 +100,8 @@ def config_for_resume(out: Path, given: RunConfig | None) -> RunConfig:
     """The run's saved config; a differing config passed on resume is refused, naming the keys."""
     saved = load_config(out / CONFIG_FILE)
     if given is not None:
+        if saved.train.minutes is not None and given.train.minutes == saved.train.minutes:
+            given.train.steps = saved.train.steps  # the count the budget fixed at the start
         differ = _diff(to_dict(saved), to_dict(given))
         if differ:
             raise SelfsupError(
@@ -182,8 +184,12 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
         update_marker(out, state=TRAINING)
     # the tower the monitor watches: the first that reads the data's modality (a pair modality: the first)
     first_role = next((role for role, (_, m) in tower_sections(cfg).items() if m == modality.name), spec.roles[0])
+    monitor = parts.monitor(runtime, lambda m: getattr(m, first_role))
+    if cfg.train.minutes is not None and not _has_checkpoint(out):
+        _fix_steps_to_budget(cfg, method, parts, out, runtime, monitor, is_main)
+        _check_stop(stop, "while timing the first steps for `train.minutes`, before the first step")
     result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
-                 monitor=parts.monitor(runtime, lambda m: getattr(m, first_role)), stop_after=stop_after, stop=stop)
+                 monitor=monitor, stop_after=stop_after, stop=stop)
     first = tower_sections(cfg)[spec.roles[0]][1]
     if runtime.is_main and result.steps == cfg.train.steps:
         _save_towers(out, cfg, spec, method, descriptions, parts, result.steps, train.source)
@@ -197,6 +203,25 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
             write_report(out, f"selfsup pretrain: {out}")
     runtime.barrier()
     return PretrainResult(out, result, train, holdout, parts.preprocess[first])
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return checkpoint.latest_valid(out / "checkpoints", quiet=True) is not None
+
+
+def _fix_steps_to_budget(cfg: RunConfig, method: nn.Module, parts: Assembly, out: Path, runtime: Runtime,
+                         monitor: Any, is_main: bool) -> None:
+    """`train.minutes`: time a few steps, fix `train.steps` to what fits and write it to config.yaml
+    before step 1, so that the schedule is fixed and a resume repeats it (it never re-measures once
+    a checkpoint exists)."""
+    log.info("train.minutes=%g: timing a few steps to fix train.steps", cfg.train.minutes)
+    budget = steps_for_budget(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, monitor=monitor)
+    cfg.train.steps = budget.steps
+    log.info("%s (%.0f s of the budget spent measuring); written to %s", budget.describe(cfg.train.minutes),
+             budget.calibration_seconds, out / CONFIG_FILE)
+    if is_main:
+        write_atomic(out / CONFIG_FILE, dump_config(cfg))
+    runtime.barrier()
 
 
 def _save_towers(out: Path, cfg: RunConfig, spec: MethodSpec, method: nn.Module, descriptions: dict[str, dict],

@@ -27,15 +27,26 @@ What it does, all from lightly's own modules as its examples use them:
 - optimizer: AdamW (lr / weight decay from the recipe, selfsup's defaults) with lightly's
   `CosineWarmupScheduler` per step. lightly's SimCLR/BYOL examples use SGD(lr=0.06) and its DINO
   example Adam(lr=1e-3); AdamW on both sides keeps the optimizer out of the comparison;
-- fp32 (lightly's default), `torch.set_num_threads(--threads)`.
+- fp32 (lightly's default), `torch.set_num_threads(--threads)`; `--precision bf16` runs each
+  step's forward and loss under `torch.autocast(device, torch.bfloat16)` (the backward outside it,
+  as PyTorch's AMP recipe and Lightning's "bf16-mixed" do), and the embedding too;
+- `--device cuda` (or `cuda:N`; default `cpu`): the model, the loss (DINO's centre) and every batch
+  on the GPU. The transforms stay in the DataLoader on the CPU, as lightly works; each batch is
+  moved to the GPU inside the timed step. TF32 is switched off for matmuls and cuDNN
+  (`torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False`), the same
+  setting as bench/selfsup_side.py, so fp32 is plain fp32 on both sides. Without CUDA,
+  `--device cuda` stops with a message before lightly is imported.
 
-A step is timed (wall clock) from fetching the batch to the end of the optimizer step; the result
-is the median after `--warmup` steps, as samples/s (a sample is one image, however many views).
-At the end the backbone (eval mode, no augmentation, normalised with the data's mean/std) embeds
-the bank and test images and the features are saved as .npy for the orchestrator's kNN.
+A step is timed (wall clock) from fetching the batch to the end of the optimizer step — on CUDA
+closed by `torch.cuda.synchronize()` before the clock is read, so it covers the step's kernels, as
+on selfsup's side; the result is the median after `--warmup` steps, as samples/s (a sample is one
+image, however many views). At the end the backbone (eval mode, no augmentation, normalised with
+the data's mean/std) embeds the bank and test images — on the run's device and precision, the
+features returned to the CPU — and saves them as .npy for the orchestrator's kNN.
 
     .venv-bench/bin/python bench/peers/lightly_side.py --method simclr --encoder resnet18 \\
-        --data DATA.npz --features-out DIR [--steps 8 --warmup 2 --batch 256 --threads 2 --workers 0]
+        --data DATA.npz --features-out DIR [--steps 8 --warmup 2 --batch 256 --threads 2 --workers 0] \\
+        [--device cuda] [--precision bf16]
 
 Prints one JSON line.
 """
@@ -43,9 +54,11 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import re
 import resource
 import statistics
 import sys
@@ -68,6 +81,13 @@ DEFAULT_RECIPE = {
 
 def rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_name(name: str) -> str:
+    """argparse type for --device: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not cpu, cuda or cuda:N")
+    return name
 
 
 def build_backbone(name: str, image_size: int):
@@ -276,11 +296,35 @@ def main() -> None:
     parser.add_argument("--local-size", type=int, default=16, help="DINO local crop side, px")
     parser.add_argument("--recipe", default="{}", help="JSON overrides of DEFAULT_RECIPE (selfsup's defaults)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 (lightly's default) or bf16 autocast around the forward and loss")
     args = parser.parse_args()
     recipe = {**DEFAULT_RECIPE, **json.loads(args.recipe)}
 
-    import numpy as np
     import torch
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit(f"lightly_side: --device {args.device} asks for CUDA, but torch.cuda.is_available() is "
+                             f"False here (torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"lightly_side: --device {args.device}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        if device.index is not None:  # set_device refuses a bare torch.device("cuda")
+            torch.cuda.set_device(device.index)
+        torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32, the same setting as selfsup_side.py
+        torch.backends.cudnn.allow_tf32 = False
+
+    def autocast():
+        if args.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    import numpy as np
     import torchvision
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
@@ -316,6 +360,9 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(args.seed))
     backbone, dim = build_backbone(args.encoder, size)
     model, criterion, step_fn = build_model(args.method, backbone, dim, args.steps, recipe)
+    if cuda:
+        model.to(device)
+        criterion.to(device)  # DINOLoss keeps its centre in a buffer
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"],
                                   weight_decay=recipe["weight_decay"])
@@ -324,16 +371,23 @@ def main() -> None:
 
     embedder = model.student_backbone if args.method == "dino" else model.backbone
     mean_t, std_t = torch.tensor(mean).reshape(1, -1, 1, 1), torch.tensor(std).reshape(1, -1, 1, 1)
+    if cuda:
+        mean_t, std_t = mean_t.to(device), std_t.to(device)
 
     @torch.no_grad()
     def embed(folder: Path) -> None:
-        """bank.npy / test.npy: the backbone's features of the un-augmented, normalised images."""
+        """bank.npy / test.npy: the backbone's features of the un-augmented, normalised images
+        (on the run's device and precision; float32 on the CPU)."""
         embedder.eval()
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("bank", "test"):
             images = data[f"x_{name}"]
-            features = [embedder((torch.from_numpy(images[i:i + 512]).float() / 255 - mean_t) / std_t).flatten(start_dim=1)
-                        for i in range(0, len(images), 512)]
+            features = []
+            for i in range(0, len(images), 512):
+                x = torch.from_numpy(images[i:i + 512])
+                x = x.to(device) if cuda else x
+                with autocast():
+                    features.append(embedder((x.float() / 255 - mean_t) / std_t).flatten(start_dim=1).float().cpu())
             np.save(folder / f"{name}.npy", torch.cat(features).numpy())
         model.train()
 
@@ -349,13 +403,18 @@ def main() -> None:
     for step in range(args.steps):
         tic = time.perf_counter()
         views, _ = next(stream)
-        loss = step_fn(model, criterion, views, step)
+        if cuda:
+            views = [view.to(device) for view in views]
+        with autocast():
+            loss = step_fn(model, criterion, views, step)
         loss.backward()
         if args.method == "dino":
             model.student_head.cancel_last_layer_gradients(current_epoch=step)
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
+        if cuda:
+            torch.cuda.synchronize(device)  # the step's kernels are done before the clock is read
         step_s.append(time.perf_counter() - tic)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
@@ -367,9 +426,14 @@ def main() -> None:
         "side": "lightly", "version": lightly.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "method": args.method, "encoder": args.encoder, "samples_per_s": args.batch / statistics.median(timed),
         "step_s": [round(s, 3) for s in step_s], "final_loss": losses[-1], "workers": args.workers,
-        "optimizer": "AdamW", "precision": "fp32", "threads": args.threads, "batch": args.batch,
+        "optimizer": "AdamW", "precision": args.precision, "threads": args.threads, "batch": args.batch,
         "views": len(views), "view_sizes": sorted({int(v.shape[-1]) for v in views}, reverse=True),
+        "device": args.device,
     }
+    if cuda:
+        out["device_name"] = torch.cuda.get_device_name(device)
+        out["tf32"] = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20  # training (and the init embedding)
     if args.features_out is not None:
         tic = time.perf_counter()
         embed(args.features_out)

@@ -9,15 +9,30 @@ Reproducibility: the randomness of step t on rank r (views, masks, dropout) come
 seeded with (seed, rank, t), and the data order is a pure function of (seed, epoch). A checkpoint's
 step and data position therefore pin every random draw that follows, and a resumed run repeats an
 uninterrupted one bit for bit (tested with `torch.equal`).
+
+Host reads. On the CPU every step's logged values are read at once (a read costs nothing there)
+and a non-finite loss or gradient stops the run before the optimizer moves. On CUDA reading a value
+stalls the stream, so the loop reads them once per `log_every` steps (and at checkpoints,
+evaluations and the end): the non-finite guard then runs on the device — the fused AdamW skips a
+step whose `found_inf` flag is set, leaving weights, moments and step counts untouched — and the
+error is raised at the next read, naming the step that was skipped. A stop signal is honoured at
+the next read too (all ranks read at the same steps). `defer_reads` forces either behaviour (tests).
+
+Time budget (`train.minutes`): `steps_for_budget` times a few steps of a throwaway copy of the
+method (and one evaluation and one checkpoint) and returns the step count that fits; the caller
+fixes it in the run's config before step 1, so the schedule — and a resume — never depends on a clock.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,27 +74,138 @@ def step_generator(device: torch.device, seed: int, rank: int, step: int) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63)
 
 
+@dataclass
+class _Done:
+    """One optimizer step, as the loop logs it once its values are read from the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    keys: list[str]
+    packed: Tensor  # the logged means, then the non-finite count, then the stop flag; summed over ranks
+    grad_norm: Tensor
+    num_tokens: int
+    ids: list[Any] = field(default_factory=list)  # deferred reads: this rank's samples of the step
+
+
+class _Stepper:
+    """Runs optimizer steps of one method: the body the loop and the budget calibration share."""
+
+    def __init__(self, model: nn.Module, method: nn.Module, batches: Batches, cfg: TrainConfig, runtime: Runtime,
+                 seed: int, order: BatchOrder, defer: bool):
+        self.model, self.method, self.batches, self.cfg, self.runtime = model, method, batches, cfg, runtime
+        self.seed, self.order, self.defer = seed, order, defer
+        # fused: its kernel takes the device-side `found_inf` flag that the deferred guard needs
+        self.optimizer = build_optimizer(method, cfg.lr, cfg.weight_decay, cfg.betas, fused=defer)
+        self.params = [p for p in method.parameters() if p.requires_grad]
+
+    def __call__(self, step: int, stop_requested: Callable[[], bool] = lambda: False) -> _Done:
+        """Step `step`; `stop_requested()` is asked after the backward pass (a signal during it counts)."""
+        cfg, runtime, optimizer = self.cfg, self.runtime, self.optimizer
+        device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
+        lr = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = step_generator(device, self.seed, rank, step)
+        torch.manual_seed(generator.initial_seed())  # stray global-RNG users (dropout) stay reproducible too
+        global_indices = self.order.next()
+
+        sums: dict[str, Tensor] = {}
+        bad = torch.zeros((), device=device)  # micro-batches with a non-finite loss
+        bad_ids: list[Any] = []
+        num_tokens = 0  # text batches: real tokens this step on this rank
+        for micro in range(cfg.accum_steps):
+            indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
+            batch = self.batches(indices, generator)
+            num_tokens += batch.get("num_tokens", 0)
+            batch["diagnose"] = bool(cfg.diagnostics_every) and (step == 1 or step % cfg.diagnostics_every == 0)
+            sync = micro == cfg.accum_steps - 1 or world_size == 1
+            with (nullcontext() if sync else self.model.no_sync()), runtime.autocast():
+                out = self.model(batch, (step - 1) / cfg.steps)
+            loss = out["loss"]
+            if self.defer:
+                bad = bad + (~torch.isfinite(loss.detach())).float()
+                bad_ids.extend(batch.get("id", indices.tolist()))
+            elif not torch.isfinite(loss):
+                bad_ids.extend(batch.get("id", indices.tolist()))
+            (loss / cfg.accum_steps).backward()
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.accum_steps
+
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if not self.defer:
+            bad = torch.tensor(float(len(bad_ids) > 0), device=device)
+        # One collective per step carries the logged values, the finite check and the stop flag.
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] for k in keys] + [
+            bad + (~torch.isfinite(grad_norm)).float(), torch.tensor(float(stop_requested()), device=device)])
+        if world_size > 1:
+            dist.all_reduce(packed)
+            packed[: len(keys)] /= world_size
+        done = _Done(step, self.order.epoch, lr, keys, packed, grad_norm, num_tokens)
+        if self.defer:
+            optimizer.found_inf = (packed[len(keys)] > 0).float()  # read by the fused kernel, on the device
+            done.ids = bad_ids
+        elif packed[len(keys)].item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            what = "loss" if bad_ids else "gradient"
+            shown = ", ".join(map(str, bad_ids[:20])) if bad_ids else "(the loss was finite on this rank)"
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} (rank {rank}); the weights were not updated. "
+                f"Samples in this batch: {shown}. Try a lower `train.lr`, `train.precision=fp32`, "
+                f"or check these inputs."
+            )
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = getattr(self.method, "after_optimizer_step", None)
+        if after is not None:
+            after(step / cfg.steps)
+        return done
+
+
+def _read(pending: list[_Done]) -> list[list[float]]:
+    """Every pending step's packed values and gradient norm, read from the device at once."""
+    parts = [torch.cat([d.packed, d.grad_norm.reshape(1).float()]) for d in pending]  # lengths differ (diagnostics)
+    flat = torch.cat(parts).tolist()
+    out, at = [], 0
+    for part in parts:
+        out.append(flat[at: at + len(part)])
+        at += len(part)
+    return out
+
+
+def _raise_skipped(done: _Done, rank: int, now: int) -> None:
+    shown = ", ".join(map(str, done.ids[:20]))
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {done.step} (rank {rank}; read at step {now}): that step's "
+        f"update was skipped, the steps after it trained, and nothing after the last checkpoint was saved. "
+        f"Samples in that step's batch on this rank: {shown}. Try a lower `train.lr`, `train.precision=fp32`, "
+        f"or check these inputs."
+    )
+
+
 def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *, seed: int,
         resume: bool = False, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
-        stop_after: int | None = None, stop: StopSignal | None = None) -> FitResult:
+        stop_after: int | None = None, stop: StopSignal | None = None,
+        defer_reads: bool | None = None) -> FitResult:
     """Trains `method` for `cfg.steps` optimizer steps, writing metrics and checkpoints under `run_dir`.
 
     `monitor(method)` (rank 0, eval mode, no grad) returns extra metrics every `cfg.eval_every` steps
     and at the end. `stop_after` ends the call after that many total steps as if the process had
     died there (tests use it to simulate a crash). `stop` is the caller's signal record (pretrain
     covers start-up and export too); without one the loop installs its own for the loop's duration.
+    `defer_reads` (default: on CUDA only) reads logged values once per logging interval (module doc).
     """
     device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
-    micro_batch, rem = divmod(cfg.batch_size, cfg.accum_steps * world_size)
-    if rem or micro_batch < 1:
-        raise SelfsupError(
-            f"`train.batch_size` ({cfg.batch_size}) must split evenly into accum_steps ({cfg.accum_steps}) "
-            f"x ranks ({world_size}) micro-batches"
-        )
+    _check_split(cfg, world_size)
+    defer = device.type == "cuda" if defer_reads is None else defer_reads
     method.to(device)
     model: nn.Module = DistributedDataParallel(method) if world_size > 1 else method
-    optimizer = build_optimizer(method, cfg.lr, cfg.weight_decay, cfg.betas)
     order = BatchOrder(batches.num_items, cfg.batch_size, seed)
+    stepper = _Stepper(model, method, batches, cfg, runtime, seed, order, defer)
+    optimizer = stepper.optimizer
     ckpt_root = run_dir / "checkpoints"
 
     start = 0
@@ -90,7 +216,6 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
             order.load_state_dict(state["data_order"])
             start = int(state["step"])
             log.info("resumed from %s (step %d)", path, start)
-    params = [p for p in method.parameters() if p.requires_grad]
 
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,84 +233,42 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         runtime.barrier()
         return path
 
+    pending: list[_Done] = []
+    tic = time.perf_counter()
     try:
         with stop or StopSignal() as stop:
             for step in range(start + 1, cfg.steps + 1):  # `step` = optimizer steps done after this one
-                tic = time.perf_counter()
-                progress_frac = (step - 1) / cfg.steps
-                lr = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                generator = step_generator(device, seed, rank, step)
-                torch.manual_seed(generator.initial_seed())  # stray global-RNG users (dropout) stay reproducible too
-                global_indices = order.next()
-
-                sums: dict[str, Tensor] = {}
-                nonfinite_ids: list[Any] = []
-                num_tokens = 0  # text batches: real tokens this step on this rank
-                for micro in range(cfg.accum_steps):
-                    indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
-                    batch = batches(indices, generator)
-                    num_tokens += batch.get("num_tokens", 0)
-                    batch["diagnose"] = bool(cfg.diagnostics_every) and (step == 1 or step % cfg.diagnostics_every == 0)
-                    sync = micro == cfg.accum_steps - 1 or world_size == 1
-                    with (nullcontext() if sync else model.no_sync()), runtime.autocast():
-                        out = model(batch, progress_frac)
-                    loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        nonfinite_ids.extend(batch.get("id", indices.tolist()))
-                    (loss / cfg.accum_steps).backward()
-                    for key, value in out.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.accum_steps
-
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                # One collective per step carries the logged values, the finite check and the stop flag.
-                keys = sorted(sums)
-                packed = torch.stack([sums[k] for k in keys] + [
-                    torch.tensor(float(bool(nonfinite_ids)) + float(not torch.isfinite(grad_norm)), device=device),
-                    torch.tensor(float(stop.received is not None), device=device),
-                ])
-                if world_size > 1:
-                    dist.all_reduce(packed)
-                    packed[: len(keys)] /= world_size
-                values = packed.tolist()
-                if values[len(keys)] > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    what = "loss" if nonfinite_ids else "gradient"
-                    shown = ", ".join(map(str, nonfinite_ids[:20])) if nonfinite_ids else "(the loss was finite on this rank)"
-                    raise NonFiniteError(
-                        f"non-finite {what} at step {step} (rank {rank}); the weights were not updated. "
-                        f"Samples in this batch: {shown}. Try a lower `train.lr`, `train.precision=fp32`, "
-                        f"or check these inputs."
-                    )
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                after = getattr(method, "after_optimizer_step", None)
-                if after is not None:
-                    after(step / cfg.steps)
-
-                row = {"step": step, "epoch": order.epoch, **dict(zip(keys, values[: len(keys)])),
-                       "lr": lr, "grad_norm": float(grad_norm)}
+                pending.append(stepper(step, lambda: stop.received is not None))
+                evaluate = monitor is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                checkpointing = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                last = step == cfg.steps or (stop_after is not None and step >= stop_after)
+                if defer and not (step % cfg.log_every == 0 or evaluate or checkpointing or last):
+                    continue
+                # Read what the device holds: one stall per logging interval on CUDA, every step on the CPU.
+                values = _read(pending)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - tic
-                row["samples_per_s"] = cfg.batch_size / seconds
-                if num_tokens:  # this rank's tokens; ranks see equal shares of full blocks
-                    row["tokens_per_s"] = num_tokens * world_size / seconds
-                if monitor is not None and runtime.is_main and (
-                    step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
-                ):
-                    row.update(_run_monitor(monitor, method))
-                if metrics is not None:
-                    metrics.write(row)
-                if board is not None:
-                    board.write(step, row)
-                progress.update(step, row, collapse_warning(row))
+                seconds = (time.perf_counter() - tic) / len(pending)
+                stopping = False
+                for done, vals in zip(pending, values):
+                    nk = len(done.keys)
+                    if vals[nk] > 0:  # only deferred reads get here: a synchronous step raised already
+                        _raise_skipped(done, rank, step)
+                    stopping = stopping or vals[nk + 1] > 0
+                    row = {"step": done.step, "epoch": done.epoch, **dict(zip(done.keys, vals[:nk])),
+                           "lr": done.lr, "grad_norm": vals[nk + 2], "samples_per_s": cfg.batch_size / seconds}
+                    if done.num_tokens:  # this rank's tokens; ranks see equal shares of full blocks
+                        row["tokens_per_s"] = done.num_tokens * world_size / seconds
+                    if done is pending[-1] and evaluate and runtime.is_main:
+                        row.update(_run_monitor(monitor, method))
+                    if metrics is not None:
+                        metrics.write(row)
+                    if board is not None:
+                        board.write(done.step, row)
+                    progress.update(done.step, row, collapse_warning(row))
+                pending.clear()
 
-                stopping = values[len(keys) + 1] > 0
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                if checkpointing or stopping:
                     last_ckpt = save(step)
                 if stopping:
                     where = f"checkpoint {last_ckpt}" if last_ckpt is not None else "rank 0 wrote its checkpoint"
@@ -193,6 +276,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                                       step, last_ckpt)
                 if stop_after is not None and step >= stop_after:
                     break
+                tic = time.perf_counter()
     finally:
         progress.close()
         if metrics is not None:
@@ -200,6 +284,115 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         if board is not None:
             board.close()
     return FitResult(steps=int(row.get("step", start)), last_row=row, checkpoint=last_ckpt)
+
+
+def _check_split(cfg: TrainConfig, world_size: int) -> None:
+    micro_batch, rem = divmod(cfg.batch_size, cfg.accum_steps * world_size)
+    if rem or micro_batch < 1:
+        raise SelfsupError(
+            f"`train.batch_size` ({cfg.batch_size}) must split evenly into accum_steps ({cfg.accum_steps}) "
+            f"x ranks ({world_size}) micro-batches"
+        )
+
+
+@dataclass
+class Budget:
+    """What `steps_for_budget` measured and chose."""
+
+    steps: int
+    seconds_per_step: float
+    seconds_per_eval: float
+    seconds_per_checkpoint: float
+    calibration_seconds: float  # spent measuring, counted in the budget
+    timed_steps: int
+
+    def describe(self, minutes: float) -> str:
+        evals = f" + {self.seconds_per_eval:.1f} s per evaluation" if self.seconds_per_eval else ""
+        return (f"train.minutes={minutes:g}: {self.seconds_per_step:.3f} s/step over {self.timed_steps} timed steps"
+                f"{evals} + {self.seconds_per_checkpoint:.1f} s per checkpoint -> train.steps={self.steps}")
+
+
+def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *,
+                     seed: int, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+                     warmup: int = 2, min_timed: int = 3, max_timed: int = 20) -> Budget:
+    """The number of optimizer steps that fit `cfg.minutes` of training (steps, evaluations, checkpoints).
+
+    Runs `warmup` untimed and then at least `min_timed` timed steps (more while they take under 1 %
+    of the budget, at most `max_timed`) of a deep copy of `method` with its own optimizer and batch
+    order, one evaluation and one checkpoint of the copy (written to a scratch folder in `run_dir`
+    and removed); `method` itself is not touched. Every rank measures; the slowest rank's times
+    decide, so all ranks return the same count. The time spent measuring counts against the budget.
+    """
+    assert cfg.minutes is not None
+    begin = time.perf_counter()
+    budget_s = cfg.minutes * 60.0
+    device, world_size = runtime.device, runtime.world_size
+    _check_split(cfg, world_size)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    probe = copy.deepcopy(method).to(device)
+    model: nn.Module = DistributedDataParallel(probe) if world_size > 1 else probe
+    stepper = _Stepper(model, probe, batches, cfg, runtime, seed, BatchOrder(batches.num_items, cfg.batch_size, seed),
+                       defer=False)
+    step_times: list[float] = []
+    for step in range(1, warmup + max_timed + 1):
+        tic = time.perf_counter()
+        stepper(step)
+        sync()
+        if step > warmup:
+            step_times.append(time.perf_counter() - tic)
+            if len(step_times) >= min_timed and sum(step_times) >= 0.01 * budget_s:
+                break
+    seconds_per_step = _median(step_times)
+
+    seconds_per_eval = 0.0
+    if monitor is not None and runtime.is_main:
+        tic = time.perf_counter()
+        _run_monitor(monitor, probe)
+        seconds_per_eval = time.perf_counter() - tic
+    seconds_per_checkpoint = 0.0
+    if runtime.is_main:
+        scratch = run_dir / ".budget-checkpoint"
+        tic = time.perf_counter()
+        try:
+            checkpoint.save_checkpoint(scratch, 1, probe, stepper.optimizer, {"data_order": {}, "seed": seed}, 1)
+        finally:
+            seconds_per_checkpoint = time.perf_counter() - tic
+            shutil.rmtree(scratch, ignore_errors=True)
+    del stepper, model, probe
+    measured = torch.tensor([seconds_per_step, seconds_per_eval, seconds_per_checkpoint], dtype=torch.float64)
+    if world_size > 1:
+        measured = measured.to(device)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+    seconds_per_step, seconds_per_eval, seconds_per_checkpoint = measured.tolist()
+    calibration = time.perf_counter() - begin
+    if world_size > 1:  # the slowest rank's calibration time, so that every rank computes the same count
+        spent = torch.tensor([calibration], dtype=torch.float64, device=device)
+        dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+        calibration = float(spent.item())
+
+    # Per step: the step, its share of the periodic evaluations and checkpoints; once: the final ones.
+    per_step = seconds_per_step + seconds_per_checkpoint / cfg.checkpoint_every
+    if monitor is not None and cfg.eval_every:
+        per_step += seconds_per_eval / cfg.eval_every
+    fixed = seconds_per_checkpoint + (seconds_per_eval if monitor is not None else 0.0)
+    steps = math.floor((budget_s - calibration - fixed) / per_step)
+    if steps < 1:
+        raise SelfsupError(
+            f"`train.minutes={cfg.minutes:g}` leaves no time to train: measuring took {calibration:.0f} s, a step takes "
+            f"{seconds_per_step:.2f} s and the final evaluation and checkpoint {fixed:.1f} s. Raise `train.minutes`, "
+            f"or make steps cheaper (a smaller `train.batch_size`, encoder or `data.image_size`/`data.seq_len`)."
+        )
+    return Budget(steps, seconds_per_step, seconds_per_eval, seconds_per_checkpoint, calibration, len(step_times))
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 @torch.no_grad()

@@ -25,8 +25,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    # foreach=True: one fused kernel per group instead of one per tensor (the default already on CUDA).
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], *,
+                    fused: bool = False) -> torch.optim.AdamW:
+    """foreach (the default): one kernel per group instead of one per tensor. fused: one kernel for
+    the whole update, which also takes a device-side `found_inf` flag (the loop's deferred guard)."""
+    if fused:
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, foreach=True)
 
 
