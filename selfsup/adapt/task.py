@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from selfsup.adapt.sampling import k_shot, stratified_fraction
 from selfsup.data.split import holdout_mask
+from selfsup.train.progress import format_duration
 from selfsup.errors import SelfsupError
 from selfsup.modalities.base import EncoderBatch, TaskInputs
 from selfsup.train.optim import param_groups
@@ -298,6 +300,7 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
     total = cfg.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(cfg.seed)
     best_loss, best_state, best_epoch, history, step = math.inf, None, 0, [], 0
+    began = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         if frozen_features:
@@ -326,6 +329,10 @@ def train_task(model: TaskModel, train: TaskInputs, train_y: Tensor, val: TaskIn
         val_acc = float((val_logits.argmax(1) == val_y).float().mean())
         val_loss = float(F.cross_entropy(val_logits.float(), val_y))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_acc": val_acc})
+        if epoch == 1 and cfg.epochs > 1:
+            took = time.perf_counter() - began
+            log.info("adapt (%s): epoch 1 of at most %d took %s: up to %s more (early stopping usually ends it sooner)",
+                     cfg.mode, cfg.epochs, format_duration(took), format_duration(took * (cfg.epochs - 1)))
         # The validation loss, not its accuracy, picks the epoch: with tens of validation labels the
         # accuracy moves in steps of several points and plateaus early, so early stopping on it halted
         # heads after 2-3 epochs, 10 points short of their converged test accuracy (next_token base on

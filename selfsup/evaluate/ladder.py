@@ -44,6 +44,7 @@ from selfsup.adapt.sampling import require_two_classes, stratified_fraction
 from selfsup.adapt.bases import RANDOM_PREFIX, base_splits, load_base
 from selfsup.adapt.task import AdaptConfig
 from selfsup.data.split import labelled_rows
+from selfsup.train.progress import format_duration
 from selfsup.errors import SelfsupError
 from selfsup.files import claim_output, mark, names_in, remove_owned, write_atomic
 from selfsup.evaluate.leverage import format_leverage, leverage_table, plot_leverage
@@ -179,6 +180,7 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
     root = out / "runs" if keep else Path(scratch_dir.name)
     log.info("leverage of %s on %s: %d rungs x %d seeds x 2 sides; %s", base, run_cfg.data.source, len(rungs),
              num_seeds, SCRATCH_NOTE)
+    began = time.perf_counter()
     try:
         for i, rung in enumerate(rungs, 1):
             budget = {k: rung[k] for k in ("label_fraction", "k_shot") if k in rung}
@@ -199,6 +201,10 @@ def run_leverage(base: str, out: Path, *, mode: Literal["head", "lora", "finetun
                                  "dir": str(task_dir) if keep else None})
             shown = "; ".join(f"{side} " + " ".join(f"{a * 100:.1f}" for a in accuracy[side][-1]) + " %" for side in SIDES)
             log.info("leverage rung %d/%d, %d labels: %s", i, len(rungs), rung["num_labels"], shown)
+            if i == 1 and len(rungs) > 1:
+                took = time.perf_counter() - began
+                log.info("leverage: rung 1 took %s; the %d larger rungs will take at least %s more", format_duration(took),
+                         len(rungs) - 1, format_duration(took * (len(rungs) - 1)))
     finally:
         if scratch_dir is not None:
             scratch_dir.cleanup()
@@ -324,6 +330,9 @@ def select_bases(bases: Sequence[str], out: Path, *, data: str | None = None, sc
         features[name] = feats.numpy()
         embed_seconds[name] = time.perf_counter() - began
         log.info("select: embedded %d rows with %s in %.2f s", len(rows), name, embed_seconds[name])
+        if len(embed_seconds) == 1 and len(loaded) > 1:
+            log.info("select: about %s to embed the other %d base(s) (more for larger encoders)",
+                     format_duration(embed_seconds[name] * (len(loaded) - 1)), len(loaded) - 1)
     ranking = score_bases(features, labels.numpy(), scores=scores, budget_s=budget_s, seed=seed)
     _fresh_output(out, "select", SELECT_FILES)
     lines = [f"{len(bases)} base(s) on {len(rows)} labelled training rows of {source}"
@@ -348,6 +357,7 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
     everything: dict[str, dict[str, float]] = {}
     scratch_dir = None if keep else tempfile.TemporaryDirectory(prefix="selfsup-select-")
     root = out / "adapt" if keep else Path(scratch_dir.name)
+    began = time.perf_counter()
     try:
         for i, name in enumerate(bases):
             label = ("random-" if name.startswith(RANDOM_PREFIX) else "") + Path(name.split(":")[-1]).name
@@ -357,6 +367,9 @@ def _validate(bases: list[str], ranking: list[dict], cfg: AdaptConfig, source: s
             accuracy[name] = metrics[METRICS[metric]]
             everything[name] = {k: metrics[k] for k in METRICS.values()}
             log.info("select: %s adapted (%s) to test %s %.4f", name, cfg.mode, metric, accuracy[name])
+            if i == 0 and len(bases) > 1:
+                log.info("select: about %s to adapt the other %d base(s)",
+                         format_duration((time.perf_counter() - began) * (len(bases) - 1)), len(bases) - 1)
     finally:
         if scratch_dir is not None:
             scratch_dir.cleanup()

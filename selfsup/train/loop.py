@@ -47,7 +47,7 @@ from selfsup.errors import NonFiniteError, SelfsupError
 from selfsup.nn.diagnostics import collapse_warning
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at
-from selfsup.train.progress import MetricsLog, Progress, TensorBoard
+from selfsup.train.progress import MetricsLog, Progress, TensorBoard, format_duration
 from selfsup.train.runtime import Runtime
 from selfsup.train.stop import EXIT_INTERRUPTED, Interrupted, StopSignal  # noqa: F401 (EXIT_INTERRUPTED: re-exported)
 
@@ -234,6 +234,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         return path
 
     pending: list[_Done] = []
+    estimate = _Estimate(cfg, start, enabled=runtime.is_main)
     tic = time.perf_counter()
     try:
         with stop or StopSignal() as stop:
@@ -267,6 +268,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                         board.write(done.step, row)
                     progress.update(done.step, row, collapse_warning(row))
                 pending.clear()
+                estimate.after(step)
 
                 if checkpointing or stopping:
                     last_ckpt = save(step)
@@ -284,6 +286,40 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         if board is not None:
             board.close()
     return FitResult(steps=int(row.get("step", start)), last_row=row, checkpoint=last_ckpt)
+
+
+class _Estimate:
+    """Logs, once, the time the rest of the run will take, from the steps after the first (which pays
+    one-time costs); where that is long, which knobs shorten it."""
+
+    LONG_S = 15 * 60
+
+    def __init__(self, cfg: TrainConfig, start: int, enabled: bool, after_steps: int = 3):
+        self.cfg, self.start, self.after_steps = cfg, start, after_steps
+        self.origin: tuple[int, float] | None = None
+        self.done = not enabled
+
+    def after(self, step: int) -> None:
+        if self.done:
+            return
+        now = time.perf_counter()
+        if self.origin is None:
+            self.origin = (step, now)
+            return
+        first, then = self.origin
+        if step - first < self.after_steps:
+            return
+        self.done = True
+        per_step = (now - then) / (step - first)
+        left = self.cfg.steps - step
+        total = per_step * left
+        log.info("estimated time: %s for the remaining %d steps (%.2f s/step measured over steps %d-%d)%s",
+                 format_duration(total), left, per_step, first + 1, step,
+                 "" if left == 0 or not self.cfg.eval_every else ", plus the held-out evaluations")
+        if total > self.LONG_S and self.cfg.minutes is None:
+            log.info("that is long for this machine: `train.minutes=M` trains for M minutes instead (the step count "
+                     "is fixed to fit), or make steps cheaper: a smaller encoder (e.g. `encoder.name=resnet10 "
+                     "encoder.width=16`, `vit_tiny`), `train.batch_size`, `data.image_size` or `data.seq_len`")
 
 
 def _check_split(cfg: TrainConfig, world_size: int) -> None:
@@ -314,7 +350,7 @@ class Budget:
 
 def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *,
                      seed: int, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
-                     warmup: int = 2, min_timed: int = 3, max_timed: int = 20) -> Budget:
+                     warmup: int = 2, min_timed: int = 5, max_timed: int = 20) -> Budget:
     """The number of optimizer steps that fit `cfg.minutes` of training (steps, evaluations, checkpoints).
 
     Runs `warmup` untimed and then at least `min_timed` timed steps (more while they take under 1 %

@@ -68,6 +68,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in _parse_lines(path)]
 
 
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3.5 min`, `2.1 h`: a wall time as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

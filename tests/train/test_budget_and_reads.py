@@ -146,3 +146,33 @@ def test_resume_accepts_the_same_minutes_override(tmp_path):
 def test_minutes_must_be_positive():
     with pytest.raises(SelfsupError, match="train.minutes"):
         load_config(None, TINY_RUN + ["train.minutes=0"])
+
+
+# ------------------------------------------------------------------------- the time estimate
+
+
+def _slow(call, model, loss):
+    import time
+
+    time.sleep(0.02)
+    return loss
+
+
+def test_the_loop_estimates_the_remaining_time_once(tmp_path, caplog):
+    caplog.set_level("INFO", logger="selfsup")
+    fit(ToyRegression(_slow), ToyBatches(), tiny_train_config(steps=30, checkpoint_every=100), tmp_path, CPU, seed=0)
+    lines = [r.message for r in caplog.records if r.message.startswith("estimated time")]
+    assert len(lines) == 1 and "for the remaining 26 steps" in lines[0], lines
+    seconds = float(lines[0].split("estimated time: ")[1].split(" s ")[0])
+    assert 26 * 0.02 <= seconds < 26 * 0.2
+    assert not any("that is long" in r.message for r in caplog.records)
+
+
+def test_a_long_estimate_names_the_knobs_that_shorten_it(tmp_path, caplog, monkeypatch):
+    import selfsup.train.loop as loop
+
+    monkeypatch.setattr(loop._Estimate, "LONG_S", 0.01)
+    caplog.set_level("INFO", logger="selfsup")
+    fit(ToyRegression(_slow), ToyBatches(), tiny_train_config(steps=10, checkpoint_every=100), tmp_path, CPU, seed=0)
+    hint = [r.message for r in caplog.records if "that is long" in r.message]
+    assert hint and "train.minutes=M" in hint[0] and "encoder.width=16" in hint[0]
