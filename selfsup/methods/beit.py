@@ -17,6 +17,10 @@ not used: it would turn every flat patch into amplified noise. Tokens are comput
 *augmented* view (the crop the ViT sees), as BEiT computes them from its view; they are fixed for
 the run and saved with it (`visual_tokens.safetensors`).
 
+Under DDP the loss is the mean over the masked patches of the global batch (each rank's mean weighted
+by its share of them, `nn/distributed.global_mean_scale`): blockwise masks hide different numbers of
+patches per image.
+
 Other deviations: no layer-scale or relative position bias (our ViT is the plain one, shared with
 DINO and MAE); the block-size floor of 16 patches is capped at a quarter of the grid so blocks
 fit small images (8x8 patches at 32 px).
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
+from selfsup.nn.distributed import global_mean_scale
 from selfsup.nn.masking import blockwise_mask, patchify
 from selfsup.nn.targets import KMeansTokenizer
 
@@ -91,6 +96,9 @@ class BEiT(nn.Module):
         targets = self.tokenizer.assign(patchify(images, p))  # [B, N] token ids of the uncorrupted view
         tokens = self.encoder(images, mask)  # [B, 1 + N, D]
         logits = self.head(tokens[:, 1:][mask])  # [num_masked, K]
-        loss = F.cross_entropy(logits.float(), targets[mask])
-        accuracy = (logits.argmax(dim=-1) == targets[mask]).float().mean()
+        # Under DDP: weighted by this rank's share of the masked patches (blockwise masks hide different
+        # numbers per image), so the ranks' average is the global batch's mean; 1 in one process.
+        scale = global_mean_scale(mask.sum().view(1).float(), self.training)[0]
+        loss = F.cross_entropy(logits.float(), targets[mask]) * scale
+        accuracy = (logits.argmax(dim=-1) == targets[mask]).float().mean() * scale
         return {"loss": loss, "token_acc": accuracy.detach()}

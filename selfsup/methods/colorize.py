@@ -15,6 +15,10 @@ The quantised-bins variant is implemented rather than regression on ab: the pape
 regression averages the modes and gives sepia images, and the classification head is what its
 representation-learning results use.
 
+Under DDP the loss is a mean over equal numbers of pixels per rank, so DDP's average is the global
+mean; the BatchNorm statistics (the decoder's, a ResNet encoder's) are per rank unless
+`nn/distributed.sync_batchnorm` is applied.
+
 Deviations from the paper: the bins and their rebalancing weights are computed from the run's
 training images (`fit_targets`, before training) instead of ImageNet's 313 in-gamut bins; the
 encoder is any selfsup image encoder (ResNet or ViT) with a small upsampling decoder instead of

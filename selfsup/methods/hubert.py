@@ -55,6 +55,9 @@ Deviations from the paper:
 - The loss is masked_weight x (mean masked cross-entropy) + unmasked_weight x (mean unmasked
   cross-entropy) (fairseq divides the weighted sums by the number of frames counted); identical with
   the defaults.
+- Under DDP the masked and unmasked means, the feature penalty and `masked_fraction` are over the
+  global batch's frames (each rank's weighted by its share of them, `nn/distributed.global_mean_scale`),
+  as one process computes them; fairseq averages per-GPU means.
 - No dropout or LayerDrop; the feature-encoder gradient scale is a knob (fairseq BASE: 0.1), default 1.0.
 - An iteration-2 teacher runs under the training precision (bf16 autocast when so), its features are
   assigned to clusters in float32; the iteration-1 MFCC are always float32.
@@ -73,6 +76,7 @@ from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
 from selfsup.methods.wav2vec2 import check_audio_encoder, latents_with_penalty
+from selfsup.nn.distributed import global_mean_scale
 from selfsup.nn.masking import span_mask
 from selfsup.nn.mfcc import FEATURE_DIM, FRAME_SHIFT, SAMPLE_RATE, model_rate_mfcc
 from selfsup.nn.targets import KMeansTokenizer
@@ -304,19 +308,26 @@ class HuBERT(nn.Module):
         context = self.encoder.contextualise(z, frame_mask, mask)  # [B, F, D]
         out: dict[str, Tensor] = {}
         loss = 0.0 * context.float().sum()  # keeps the graph whole if no frame counts
-        for name, where, weight in (("masked", mask, cfg.masked_weight), ("unmasked", frame_mask & ~mask, cfg.unmasked_weight)):
+        unmasked = frame_mask & ~mask
+        # Under DDP each mean is weighted by this rank's share of its frames (masked, unmasked, real:
+        # utterances differ in length and masks in size), so the ranks' average is the global batch's
+        # mean; ones in one process. One collective for the three.
+        scales = global_mean_scale(torch.stack([mask.sum(), unmasked.sum(), frame_mask.sum()]).float(), self.training)
+        for i, (name, where, weight) in enumerate((("masked", mask, cfg.masked_weight),
+                                                   ("unmasked", unmasked, cfg.unmasked_weight))):
             if name == "unmasked" and weight == 0:
                 continue
             if bool(where.any()):
                 logits = self.logits(context[where])  # [N, K]
-                part = F.cross_entropy(logits, targets[where])
-                accuracy = (logits.argmax(dim=-1) == targets[where]).float().mean()
+                part = F.cross_entropy(logits, targets[where]) * scales[i]
+                accuracy = (logits.argmax(dim=-1) == targets[where]).float().mean() * scales[i]
             else:
                 part, accuracy = 0.0 * loss, torch.zeros((), device=loss.device)
             loss = loss + weight * part
             out[f"{name}_loss"], out[f"{name}_acc"] = part.detach(), accuracy.detach()
         if penalty is not None:
+            penalty = penalty * scales[2]  # a mean over the real frames
             loss = loss + cfg.feature_penalty * penalty
             out["feature_penalty"] = penalty.detach()
-        out["masked_fraction"] = (mask.sum() / frame_mask.sum().clamp(min=1)).float()
+        out["masked_fraction"] = (mask.sum() / frame_mask.sum().clamp(min=1)).float() * scales[2]
         return {"loss": loss, **out}

@@ -8,6 +8,9 @@ pixels of every patch. The loss is the mean squared error on the masked patches 
 each patch's pixels normalised by that patch's own mean and variance (`norm_pix_loss`, the
 paper's better-performing target) or the raw (channel-normalised) pixels.
 
+Under DDP no weighting is needed: every image hides exactly round(ratio * N) patches, so ranks average
+equal counts and DDP's average of their means is the global mean (tests/train/test_ddp_methods.py).
+
 Deviations from the paper: the encoder's positions are whatever the ViT was built with (the
 paper's fixed sine-cosine table is `encoder.positions=sincos`; learned is the default so MAE and
 DINO/BEiT encoders are interchangeable); the input view is the shared random-resized crop + flip

@@ -13,6 +13,10 @@ BertForMaskedLM computes them all).
 Deviations from the paper: no next-sentence prediction (RoBERTa showed it does not help); the
 random replacement draws from the non-special vocabulary; masking is dynamic (new positions every
 time a sequence is seen, as in RoBERTa) rather than fixed at preprocessing.
+
+Under DDP the loss is the mean over the selected tokens of the global batch (each rank's mean weighted
+by its share of them, `nn/distributed.global_mean_scale`), as one process computes it; ranks select
+different numbers of tokens, so a plain average of their means would weigh their tokens unequally.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from selfsup.nn.distributed import global_mean_scale
 
 
 @dataclass
@@ -66,9 +72,12 @@ class MLM(nn.Module):
                               position_ids=batch.get("position_ids"))  # [B, L, D]
         logits = self.encoder.lm_head(hidden[selected]).float()  # [num_selected, V]; argmax is 4x slower on bf16
         targets = input_ids[selected]  # [num_selected]
+        # Under DDP: weighted by this rank's share of the selected tokens, so the ranks' average is the
+        # mean over the global batch's tokens (ranks select different numbers); 1 in one process.
+        scale = global_mean_scale(selected.sum().view(1).float(), self.training)[0]
         if targets.numel() == 0:  # a batch of only special tokens: nothing to predict
             zero = hidden.sum() * 0.0
             return {"loss": zero, "masked_acc": zero.detach()}
-        loss = F.cross_entropy(logits, targets)
-        masked_acc = (logits.argmax(dim=-1) == targets).float().mean()
+        loss = F.cross_entropy(logits, targets) * scale
+        masked_acc = (logits.argmax(dim=-1) == targets).float().mean() * scale
         return {"loss": loss, "masked_acc": masked_acc.detach()}

@@ -55,6 +55,11 @@ Deviations from the paper (and fairseq's implementation):
 - `drop_identical` (default true, fairseq's behaviour) can keep distractors whose codes equal the
   positive's in the denominator, which takes away the reward a collapsing codebook gets.
 - The feature penalty counts real frames only (fairseq averages over the padded batch).
+- Under DDP the codebook usage behind the diversity loss and both perplexities is the global batch's
+  (`nn/quantizer.py`: one all_reduce of the soft usage, with its gradient), and the contrastive mean,
+  the feature penalty, `contrastive_acc` and `masked_fraction` are over the global batch's masked /
+  real frames (`nn/distributed.global_mean_scale`): the loss and gradients are one process's on the
+  global batch (fairseq computes the perplexity per GPU).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
+from selfsup.nn.distributed import global_mean_scale
 from selfsup.nn.masking import span_mask
 from selfsup.nn.quantizer import PAPER_ANNEAL_UNTIL, GumbelQuantizer, diversity_loss, gumbel_temperature
 
@@ -223,18 +229,24 @@ class Wav2Vec2(nn.Module):
         logits = contrastive_logits(c, self.project_q(q), distractors, codes if cfg.drop_identical else None,
                                     cfg.logit_temp)[valid]  # [N, 1 + K]
         num_masked = logits.shape[0]
+        # Under DDP the means over masked frames and over real frames are weighted by this rank's share
+        # of them (the quantizer's frame count is already the global one), so the ranks' average is the
+        # global batch's mean; ones in one process. The diversity term is global already (quantizer).
+        scales = global_mean_scale(torch.stack([mask.sum(), frame_mask.sum()]).float(), self.training)
         if num_masked:
             contrastive = F.cross_entropy(logits, torch.zeros(num_masked, dtype=torch.long, device=logits.device))
             accuracy = (logits[:, 0:1] > logits[:, 1:]).all(dim=1).float().mean()
+            contrastive, accuracy = contrastive * scales[0], accuracy * scales[0]
         else:  # nothing masked (min_masks = 0): no term, but the graph stays whole
             contrastive, accuracy = 0.0 * context.float().sum(), torch.zeros((), device=audio.device)
         diversity = diversity_loss(diag["prob_perplexity"], self.quantizer.num_codes)
         loss = contrastive + cfg.diversity_weight * diversity
         out = {}
         if penalty is not None:
+            penalty = penalty * scales[1]  # a mean over the real frames
             loss = loss + cfg.feature_penalty * penalty
             out["feature_penalty"] = penalty.detach()
-        reachable = cfg.codebook_groups * min(cfg.codebook_entries, max(num_masked, 1))
+        reachable = cfg.codebook_groups * torch.clamp(diag["num_frames"], 1, cfg.codebook_entries)
         return {
             "loss": loss,
             "contrastive": contrastive.detach(),
@@ -244,6 +256,6 @@ class Wav2Vec2(nn.Module):
             "code_perplexity": diag["code_perplexity"].detach(),
             "code_usage": (diag["code_perplexity"] / reachable).detach(),
             "temperature": torch.tensor(temperature, device=loss.device),
-            "masked_fraction": (mask.sum() / frame_mask.sum().clamp(min=1)).float(),
+            "masked_fraction": (mask.sum() / frame_mask.sum().clamp(min=1)).float() * scales[1],
             "contrastive_acc": accuracy.detach(),
         }

@@ -15,6 +15,11 @@ Diagnostics, both "perplexities" as in fairseq's GumbelVectorQuantizer:
 - `code_perplexity`: the same formula on the batch's frequencies of the hard argmax(l) choices
   (fairseq's, noise-free also in training): how many entries are actually in use.
 
+Under DDP (training mode) both are taken over the global batch, every rank's frames: the per-rank
+soft sums, hard counts and frame counts are summed in one all_reduce whose backward returns each
+rank its share of the gradient (`nn/distributed.all_reduce_shared`), so the diversity loss and
+its gradient equal one process's on the global batch (fairseq's per-GPU perplexity does not).
+
 Temperature: the paper anneals τ from 2 to 0.5 by a factor 0.999995 per update, τ = max(0.5, 2 *
 0.999995^step) over 400k updates (BASE), so τ reaches 0.5 at step ln(4)/-ln(0.999995) ≈ 277k, i.e.
 at 69.3 % of training, and stays there. A method only knows `progress` (0 at the first step, 1 at
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import SelfsupError
+from selfsup.nn.distributed import all_reduce_shared, world
 
 # The paper's schedule (2 -> 0.5 by 0.999995 per update over 400k updates) reaches its floor here.
 PAPER_ANNEAL_UNTIL = math.log(2.0 / 0.5) / -math.log(0.999995) / 400_000  # 0.693
@@ -79,7 +85,10 @@ class GumbelQuantizer(nn.Module):
 
     def forward(self, z: Tensor, temperature: float,
                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(q [..., code_dim], {"prob_perplexity", "code_perplexity", "codes": int64 [..., G]}).
+        """(q [..., code_dim], {"prob_perplexity", "code_perplexity", "num_frames", "codes": int64 [..., G]}).
+
+        Under DDP in training both perplexities and "num_frames" are the global batch's (every rank's
+        frames; one collective, which every rank must reach); else this call's frames'.
 
         In training the Gumbel noise comes from `generator` (the batch's; torch's global generator
         when None); in eval the choice is the noise-free argmax. "codes" are the entries used for q.
@@ -88,11 +97,28 @@ class GumbelQuantizer(nn.Module):
         G, V = self.groups, self.entries
         logits = self.logits(z.reshape(-1, z.shape[-1])).float().view(-1, G, V)  # [N, G, V]
         best = logits.argmax(dim=-1)  # [N, G]
-        num = max(logits.shape[0], 1)
-        hard_freq = torch.zeros(G, V, device=logits.device).scatter_add_(
-            1, best.T, torch.ones_like(best.T, dtype=torch.float)) / num  # [G, V]
-        diagnostics = {"code_perplexity": perplexity(hard_freq),
-                       "prob_perplexity": perplexity(logits.softmax(dim=-1).mean(dim=0) if len(logits) else hard_freq)}
+        hard_counts = torch.zeros(G, V, device=logits.device).scatter_add_(
+            1, best.T, torch.ones_like(best.T, dtype=torch.float))  # [G, V]
+        if self.training and world()[1] > 1:
+            # Under DDP the usage is the global batch's: the soft sums (with their gradients), the hard
+            # counts and the frame count of every rank, summed in one collective, so every rank's
+            # diversity loss is the one process's on the global batch (DDP's average of the ranks'
+            # gradients is then its gradient: `all_reduce_shared`).
+            packed = all_reduce_shared(torch.cat([logits.softmax(dim=-1).sum(dim=0).flatten(), hard_counts.flatten(),
+                                                     hard_counts.new_full((1,), float(logits.shape[0]))]))
+            num_frames = packed[-1].detach()
+            num = num_frames.clamp(min=1)
+            hard_freq = packed[G * V : 2 * G * V].detach().view(G, V) / num
+            soft = packed[: G * V].view(G, V) / num
+            diagnostics = {"code_perplexity": perplexity(hard_freq),
+                           "prob_perplexity": torch.where(num_frames > 0, perplexity(soft), perplexity(hard_freq)),
+                           "num_frames": num_frames}
+        else:
+            num = max(logits.shape[0], 1)
+            hard_freq = hard_counts / num  # [G, V]
+            diagnostics = {"code_perplexity": perplexity(hard_freq),
+                           "prob_perplexity": perplexity(logits.softmax(dim=-1).mean(dim=0) if len(logits) else hard_freq),
+                           "num_frames": torch.tensor(float(logits.shape[0]), device=logits.device)}
         if self.training:
             device = generator.device if generator is not None else logits.device
             u = torch.rand(logits.shape, generator=generator, device=device).to(logits.device)
