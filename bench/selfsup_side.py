@@ -96,7 +96,8 @@ def load_data(data_path: Path | None, size: int, channels: int):
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:  # 0: leave torch's default (one thread per core)
+        torch.set_num_threads(args.threads)
     device = check_device(args.device, "selfsup_side")
     cuda = device.type == "cuda"
     if cuda:
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
         mean, std = channel_stats(train.images)
     views_cfg = from_dict(ViewsConfig, view_overrides(args.method, args.n_local, args.local_size), prefix="views.")
     torch.manual_seed(args.seed)
-    method = build_method({"name": args.method}, build_encoder(args.encoder, in_channels=channels, image_size=size))
+    knobs = {"width": args.width} if args.width else {}
+    method = build_method({"name": args.method}, build_encoder(args.encoder, in_channels=channels, image_size=size, **knobs))
     runtime = Runtime(device=device, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None)
     # On CUDA the loop reads the device once per log_every steps; 1 makes it read and synchronize every
     # step before the clock, so each step is timed on its own (on the CPU it reads every step anyway).
@@ -183,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; 0 = torch's own default")
+    parser.add_argument("--width", type=int, default=None, help="the ResNet's width (default: the preset's)")
     parser.add_argument("--n-local", type=int, default=2, help="DINO local crops per image")
     parser.add_argument("--local-size", type=int, default=16, help="DINO local crop side, px")
     parser.add_argument("--seed", type=int, default=0)
