@@ -71,6 +71,7 @@ class TrainConfig:
     grad_clip: float | None = 3.0  # clip the global gradient norm to this value; None = no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where it was measured to help
     device: str = "auto"  # auto = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+    sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over every rank's rows (SyncBatchNorm) instead of each rank's
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted once a newer one is valid)
@@ -422,6 +423,9 @@ def _validate_tower(cfg: RunConfig, spec: Any, key: str, section: dict[str, Any]
                            f"Face model use `{key}.name=hf:DIR`")
     if encoder_name.startswith(HF_TOWER_PREFIX):
         _validate_hf_tower(key, encoder_name, encoder_knobs, modality, spec)
+        if spec.causal is not None and cfg.data.document_masks:
+            raise SelfsupError(f"`{key}.name={encoder_name}` with `data.document_masks=true`: a Hugging Face model "
+                               "takes a [batch, tokens] attention mask only; drop data.document_masks")
         return
     if encoder_name in ENCODERS and ENCODERS[encoder_name].modality != modality:
         fitting = sorted(n for n, e in ENCODERS.items() if e.modality == modality)
@@ -456,8 +460,9 @@ def _validate_hf_tower(key: str, name: str, knobs: dict[str, Any], modality: str
 
     folder = Path(name.removeprefix(HF_TOWER_PREFIX)).expanduser()
     if not (folder / "config.json").is_file():
-        raise SelfsupError(f"`{key}.name={name}`: {folder / 'config.json'} not found; give a local folder that "
-                           "transformers' AutoModel loads (config.json, model.safetensors, tokenizer.json)")
+        what = "is not a transformers model folder: " if folder.is_dir() else "does not exist: "
+        raise SelfsupError(f"`{key}.name={name}`: {folder} {what}{folder / 'config.json'} not found; give a local "
+                           "folder that transformers' AutoModel loads (config.json, model.safetensors, tokenizer.json)")
     if knobs:
         raise SelfsupError(f"`{key}.{next(iter(knobs))}`: a Hugging Face tower's architecture is its config.json; "
                            f"drop the `{key}.*` knobs")
@@ -465,8 +470,24 @@ def _validate_hf_tower(key: str, name: str, knobs: dict[str, Any], modality: str
     if reads != modality:
         raise SelfsupError(f"`{key}.name={name}` is a {reads} model, but this tower reads {modality}")
     if spec.causal is not None:
-        raise SelfsupError(f"`{key}.name={name}`: this method trains its text encoder's own outputs (masked or next "
-                           "tokens); a Hugging Face tower is for methods that only embed, such as CLIP's text tower")
+        if spec.towers is not None:
+            raise SelfsupError(f"`{key}.name={name}`: this method trains its text tower's own outputs (masked or "
+                               "next tokens); a Hugging Face tower of several is for methods that only embed, such as "
+                               "CLIP's text tower")
+        # MLM / next-token continued from the folder: its architecture must have that language-model head
+        from selfsup.encoders.hf import hf_head_problem, lm_head_kind
+
+        problem = hf_head_problem(folder, lm_head_kind(spec.causal))
+        if problem is not None:
+            from selfsup.methods import METHODS
+
+            other = [n for n, s in METHODS.items() if s.towers is None and s.causal is (not spec.causal)]
+            hint = f", or train this folder with method.name={other[0]}" if other else ""
+            raise SelfsupError(f"`{key}.name={name}`: {problem}{hint}")
+        if not (folder / "tokenizer.json").is_file():
+            raise SelfsupError(f"`{key}.name={name}`: {folder / 'tokenizer.json'} not found; continued pretraining "
+                               "reads the text with the folder's own tokenizer (a fast tokenizer's tokenizer.json: "
+                               "save one with transformers' AutoTokenizer(...).save_pretrained into the folder)")
 
 
 def _name(section: dict[str, Any], key: str) -> str:

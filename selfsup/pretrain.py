@@ -19,7 +19,7 @@ from torch import nn
 
 from selfsup.config import HF_TOWER_PREFIX, INIT_KEY, RunConfig, dump_config, load_config, to_dict
 from selfsup.encoders import describe_encoder
-from selfsup.encoders.hf import hf_description
+from selfsup.encoders.hf import hf_description, lm_head_kind
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import load_encoder, save_encoder
 from selfsup.files import read_marker, update_marker, write_atomic
@@ -57,10 +57,13 @@ def build_towers(cfg: RunConfig, inputs: dict[str, dict[str, int]]) -> tuple[dic
     """The run's towers, seeded once and built in the method's order, and the descriptions that
     rebuild them; `inputs` are each tower modality's encoder inputs (from the modality's assembly)."""
     descriptions = {}
+    spec = method_spec(cfg.method["name"])
     for role, (section, modality) in tower_sections(cfg).items():
         knobs = {k: v for k, v in section.items() if k not in ("name", INIT_KEY)}
         if section["name"].startswith(HF_TOWER_PREFIX):  # a local Hugging Face model, its weights included
-            descriptions[role] = hf_description(Path(section["name"].removeprefix(HF_TOWER_PREFIX)).expanduser())
+            # an objective on the text encoder's own outputs (MLM, next-token) takes the model with its LM head
+            head = lm_head_kind(spec.causal) if spec.towers is None else None
+            descriptions[role] = hf_description(Path(section["name"].removeprefix(HF_TOWER_PREFIX)).expanduser(), head)
         else:
             descriptions[role] = describe_encoder(section["name"], **inputs[modality], **knobs)
         if section.get(INIT_KEY):  # starts from another run's tower (rundir.starting_towers loads it)

@@ -177,7 +177,7 @@ def build_encoder(name: str, *, config: dict | None = None, **given: Any) -> nn.
     if name in HF_ENCODERS:  # a Hugging Face model described by its own config (encoders/hf.py)
         from selfsup.encoders.hf import build_hf_encoder
 
-        return build_hf_encoder({"name": name, "config": config or {}})
+        return build_hf_encoder({"name": name, "config": config or {}, "head": given.get("head")})
     inputs, overrides = _split_inputs(name, given)
     cfg = encoder_config(name, {**(config or {}), **overrides})
     return _spec(name).module_type(cfg, **inputs)

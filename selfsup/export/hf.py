@@ -95,6 +95,7 @@ from torch import Tensor
 from selfsup import files
 from selfsup.data.tokenizer import TextTokenizer
 from selfsup.encoders.audio import AudioEncoder
+from selfsup.encoders.hf import HF_SEQ_LEN, HFLanguageModel
 from selfsup.encoders.text import TextTransformer
 from selfsup.errors import SelfsupError
 from selfsup.export.encoder import META, WEIGHTS, block_state, load_encoder
@@ -132,6 +133,8 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
     if isinstance(encoder, AudioEncoder):  # a Wav2Vec2Model / HubertModel folder: selfsup.export.hf_audio
         return export_hf_audio(run_dir, out, overwrite=overwrite)
     preprocess = meta.get("preprocess", {})
+    if isinstance(encoder, HFLanguageModel):  # continued from a Hugging Face folder: that model, trained on
+        return _export_continued(run_dir, encoder, meta, out, overwrite)
     if not isinstance(encoder, TextTransformer):
         from selfsup.modalities import modality_of
 
@@ -182,6 +185,28 @@ def export_hf(run_dir: Path, out: Path, *, overwrite: bool = False) -> Path:
         model.save_pretrained(folder)
         _write_tokenizer(folder, tokenizer_path, tokenizer, encoder.max_len)
         _write_readme(folder, out.name, architecture, encoder.max_len, str(meta.get("method", {}).get("name") or "?"))
+
+    return publish_export(transformers, out, write, lambda: _check_replaceable(out, overwrite))
+
+
+def _export_continued(run_dir: Path, encoder: HFLanguageModel, meta: dict[str, Any], out: Path,
+                      overwrite: bool) -> Path:
+    """A run continued from a Hugging Face folder (`encoder.name=hf:DIR`): its transformers model with
+    the trained weights and LM head (`save_pretrained`), and the folder's tokenizer the run read with."""
+    import transformers
+
+    tokenizer_path = run_dir / str(meta.get("preprocess", {}).get("tokenizer") or "tokenizer.json")
+    if not tokenizer_path.is_file():
+        raise SelfsupError(f"{tokenizer_path}: not found; a Hugging Face export ships the tokenizer the run read with")
+    tokenizer = TextTokenizer.load(tokenizer_path)
+    config = encoder.transformers_model.config
+    max_len = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+                  or meta["preprocess"].get("seq_len", HF_SEQ_LEN))
+    _check_replaceable(out, overwrite)
+
+    def write(folder: Path) -> None:
+        encoder.transformers_model.eval().save_pretrained(folder)
+        _write_tokenizer(folder, tokenizer_path, tokenizer, max_len)
 
     return publish_export(transformers, out, write, lambda: _check_replaceable(out, overwrite))
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfsup.config import RunConfig
+from selfsup.config import HF_TOWER_PREFIX, RunConfig
 from selfsup.data.packing import PackedBlocks, pack_documents
 from selfsup.data.pipeline import TextBatches
 from selfsup.data.text import TextSet, load_text_source
@@ -153,7 +153,11 @@ class TextModality(Modality):
     def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: TextSet, holdout: TextSet, spec: Any,
                  progress: bool = True) -> Assembly:
         d = cfg.data
-        tokenizer = run_tokenizer(cfg, out, train, runtime, spec.tokenizer)
+        folder = hf_folder(cfg)
+        if folder is not None:  # continued from a Hugging Face model: its own tokenizer, never a new one
+            tokenizer = folder_tokenizer(cfg, folder, out, runtime, spec.tokenizer)
+        else:
+            tokenizer = run_tokenizer(cfg, out, train, runtime, spec.tokenizer)
         # Training blocks are all full (the tail is dropped, so no step pays for padding); held-out
         # blocks keep the tail, padded.
         train_blocks = pack_split(train, tokenizer, d.seq_len, drop_last=True)
@@ -217,6 +221,50 @@ def run_tokenizer(cfg: RunConfig, out: Path, train: TextSet, runtime: Runtime, k
                                             cfg.tokenizer.min_frequency)
     runtime.barrier()
     return tokenizer if tokenizer is not None else TextTokenizer.load(path)
+
+
+def hf_folder(cfg: RunConfig) -> Path | None:
+    """The Hugging Face folder a single-tower text run continues from (`encoder.name=hf:DIR`), or None."""
+    name = str((cfg.encoder or {}).get("name", ""))
+    return Path(name.removeprefix(HF_TOWER_PREFIX)).expanduser() if name.startswith(HF_TOWER_PREFIX) else None
+
+
+def folder_tokenizer(cfg: RunConfig, folder: Path, out: Path, runtime: Runtime, kind: str | None) -> TextTokenizer:
+    """The tokenizer of the Hugging Face folder a run continues from, saved as the run's tokenizer.json
+    (a resume reuses the run's copy); `tokenizer.*` settings do not apply. Its vocabulary and the
+    model's, and the block length and the model's positions, are checked and reported."""
+    import json
+
+    path = out / TOKENIZER_FILE
+    source = path if path.exists() else folder / TOKENIZER_FILE
+    tokenizer = TextTokenizer.load(source)
+    if kind is not None and tokenizer.kind != kind:
+        raise SelfsupError(f"{folder / TOKENIZER_FILE}: a {tokenizer.kind} tokenizer, but method `{cfg.method['name']}` "
+                           f"reads {kind} ({'[MASK]' if kind == 'wordpiece' else 'byte-level'} tokens); continue this "
+                           "method from a folder whose tokenizer is of that kind")
+    if cfg.tokenizer.path is not None:
+        log.warning("tokenizer.path=%s is ignored: a run continued from %s reads with that folder's tokenizer",
+                    cfg.tokenizer.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    model_vocab = int(config.get("vocab_size") or 0)
+    if tokenizer.vocab_size > model_vocab:
+        raise SelfsupError(f"{folder}: its tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
+                           f"{model_vocab} embedding rows (config.json vocab_size); the tokenizer does not belong to "
+                           "this model: put the model's own tokenizer.json in the folder")
+    if tokenizer.vocab_size < model_vocab:
+        log.info("%s: the tokenizer has %d tokens, the model %d embedding rows; the other %d rows are never read "
+                 "(MLM's random replacements draw from the model's vocabulary)", folder, tokenizer.vocab_size,
+                 model_vocab, model_vocab - tokenizer.vocab_size)
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if positions is not None and cfg.data.seq_len > int(positions):
+        raise SelfsupError(f"data.seq_len={cfg.data.seq_len}: {folder}'s model reads at most {positions} positions "
+                           f"(config.json); set data.seq_len={positions} or less")
+    log.info("text: reading with %s's %s tokenizer (vocabulary %d, [MASK] id %s), not training one", folder,
+             tokenizer.kind, tokenizer.vocab_size, tokenizer.mask_id)
+    if runtime.is_main and not path.exists():
+        tokenizer.save(path)
+    runtime.barrier()
+    return tokenizer
 
 
 def pack_split(data: TextSet, tokenizer: TextTokenizer, seq_len: int, *, drop_last: bool) -> PackedBlocks:

@@ -45,6 +45,7 @@ from selfsup.config import TrainConfig
 from selfsup.data.sampler import BatchOrder, shard
 from selfsup.errors import NonFiniteError, SelfsupError
 from selfsup.nn.diagnostics import collapse_warning
+from selfsup.nn.distributed import sync_batchnorm
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at
 from selfsup.train.progress import MetricsLog, Progress, TensorBoard, format_duration
@@ -202,6 +203,8 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
     _check_split(cfg, world_size)
     defer = device.type == "cuda" if defer_reads is None else defer_reads
     method.to(device)
+    if cfg.sync_batchnorm:
+        method = sync_batchnorm(method, device)  # in place (the root is never a BatchNorm)
     model: nn.Module = DistributedDataParallel(method) if world_size > 1 else method
     order = BatchOrder(batches.num_items, cfg.batch_size, seed)
     stepper = _Stepper(model, method, batches, cfg, runtime, seed, order, defer)
@@ -370,6 +373,8 @@ def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_
             torch.cuda.synchronize(device)
 
     probe = copy.deepcopy(method).to(device)
+    if cfg.sync_batchnorm:
+        probe = sync_batchnorm(probe, device)
     model: nn.Module = DistributedDataParallel(probe) if world_size > 1 else probe
     stepper = _Stepper(model, probe, batches, cfg, runtime, seed, BatchOrder(batches.num_items, cfg.batch_size, seed),
                        defer=False)

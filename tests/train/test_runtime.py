@@ -100,3 +100,16 @@ def test_reads_happen_once_per_logging_interval_when_deferred(tmp_path, monkeypa
     loop.fit(ToyRegression(), ToyBatches(), cfg, tmp_path, CPU, seed=0, defer_reads=defer)
     assert len(reads) == expected_reads  # deferred: steps 4, 6 (a checkpoint), 8
     assert sum(reads) == 8, "every step's values are read exactly once"
+
+
+def test_sync_batchnorm_is_refused_on_the_cpu_under_torchrun(tmp_path, monkeypatch):
+    import selfsup.nn.distributed as distributed
+    from selfsup.errors import SelfsupError
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    with pytest.raises(SelfsupError, match="sync_batchnorm needs GPUs"):
+        loop.fit(ToyRegression(), ToyBatches(), tiny_train_config(sync_batchnorm=True), tmp_path, CPU, seed=0)
+
+
+def test_sync_batchnorm_does_nothing_in_one_process(tmp_path):
+    loop.fit(ToyRegression(), ToyBatches(), tiny_train_config(sync_batchnorm=True, steps=2), tmp_path, CPU, seed=0)
