@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     from _common import encoder_features
     from selfsup.config import TrainConfig, from_dict
     from selfsup.data.pipeline import ImageBatches, channel_stats
+    from selfsup.nn.gemm import current_backend
     from selfsup.data.views import ImageViews, ViewsConfig
     from selfsup.encoders import build_encoder
     from selfsup.methods import METHODS, build_method
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     # On CUDA the loop reads the device once per log_every steps; 1 makes it read and synchronize every
     # step before the clock, so each step is timed on its own (on the CPU it reads every step anyway).
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9,
-                      log_every=1 if cuda else 10**9, precision=args.precision, device=args.device)
+                      log_every=1 if cuda else 10**9, precision=args.precision, device=args.device,
+                      cpu_gemm=args.cpu_gemm)
     preprocess = {"image_size": size, "channels": channels, "mean": mean, "std": std}
 
     def embed(folder: Path) -> None:
@@ -158,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "step_s": [round(args.batch / s, 3) for s in speeds], "final_loss": rows[-1]["loss"],
         "threads": args.threads, "batch": args.batch,
         "views": views_cfg.num_views + getattr(views_cfg, "num_local", 0), "device": args.device,
+        "cpu_gemm": current_backend(),  # where fp32 Linear products ran (selfsup/nn/gemm.py; conv layers: oneDNN)
     }
     if cuda:
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -189,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="the ResNet's width (default: the preset's)")
     parser.add_argument("--n-local", type=int, default=2, help="DINO local crops per image")
     parser.add_argument("--local-size", type=int, default=16, help="DINO local crop side, px")
+    parser.add_argument("--cpu-gemm", choices=["auto", "torch", "openblas"], default="auto",
+                        help="train.cpu_gemm: where fp32 Linear products run (auto = measured, selfsup/nn/gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

@@ -157,7 +157,9 @@ def run_pair(objective: str, precision: str, folder: Path, args: argparse.Namesp
               "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--seed", str(args.seed),
               "--grad-clip", str(args.grad_clip)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    # OPENBLAS_THREAD_TIMEOUT as the selfsup command sets it (selfsup/cli.py); transformers never calls OpenBLAS.
+    env.update(OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
+               OPENBLAS_THREAD_TIMEOUT="4")
     results, errors, wall = {}, {}, {}
     for side in ("selfsup", "hf"):
         tic = time.perf_counter()
@@ -177,7 +179,7 @@ def run_pair(objective: str, precision: str, folder: Path, args: argparse.Namesp
         "peer": peer["version"] if peer else f"transformers {PEER_MODEL[objective]}",
         "peer_value": value(peer, "tokens_per_s"),
         "ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 3) if ours and peer else None,
-        "precision": "bf16 autocast" if precision == "bf16" else "fp32",
+        "precision": "bf16 autocast" if precision == "bf16" else "fp32", "selfsup_cpu_gemm": ours and ours.get("cpu_gemm"),
         "quality": {"loss_last5": {"selfsup": value(ours, "loss_last5"), "peer": value(peer, "loss_last5")}},
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "omp_wait_policy": "PASSIVE",
         "peak_rss_mb": {"selfsup": ours and round(ours["peak_rss_mb"]), "peer": peer and round(peer["peak_rss_mb"])},

@@ -59,6 +59,7 @@ def run_selfsup(args: argparse.Namespace) -> dict:
     from selfsup.config import TrainConfig
     from selfsup.data.pipeline import TextBatches
     from selfsup.encoders import build_encoder
+    from selfsup.nn.gemm import current_backend
     from selfsup.methods import build_method
     from selfsup.train.loop import fit
     from selfsup.train.runtime import init_runtime
@@ -74,7 +75,7 @@ def run_selfsup(args: argparse.Namespace) -> dict:
                       betas=(0.9, 0.999), warmup_fraction=0.0, min_lr_ratio=1.0,  # constant LR
                       grad_clip=args.grad_clip or None, precision=args.precision, device="cpu",
                       threads=args.threads, checkpoint_every=10**9, log_every=10**9, eval_every=0,
-                      diagnostics_every=0)
+                      diagnostics_every=0, cpu_gemm=args.cpu_gemm)
     batches = TextBatches(blocks, names, runtime.device, document_masks=False)
     with tempfile.TemporaryDirectory() as run_dir:
         fit(method, batches, cfg, Path(run_dir), runtime, seed=args.seed)
@@ -87,6 +88,7 @@ def run_selfsup(args: argparse.Namespace) -> dict:
         "tokens_per_s_steps": [r["tokens_per_s"] for r in rows],
         "step_s": [args.batch * args.seq_len / r["tokens_per_s"] for r in rows],
         "loss": [r["loss"] for r in rows],
+        "cpu_gemm": current_backend(),  # where fp32 Linear products ran (selfsup/nn/gemm.py)
     }
 
 
@@ -203,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = none")
+    parser.add_argument("--cpu-gemm", choices=["auto", "torch", "openblas"], default="auto",
+                        help="train.cpu_gemm: where fp32 Linear products run (auto = measured, selfsup/nn/gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

@@ -227,6 +227,7 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
     cuda = args.device != "cpu"
     base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     base_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    base_env["OPENBLAS_THREAD_TIMEOUT"] = "4"  # as the selfsup command sets it (selfsup/cli.py); lightly never calls OpenBLAS
     ours_env = {**base_env, "PYTHONPATH": str(REPO)}
     feats = {side: work / task / side for side in ("selfsup", "peer")}
     init = {side: work / task / f"{side}-init" for side in ("selfsup", "peer")}
@@ -279,7 +280,7 @@ def run_task(task: str, args: argparse.Namespace, data_path: Path, work: Path) -
         # `peer` ran at peer_precision: fp32 on the CPU, the same bf16 autocast as selfsup on a GPU
         "ratio_bf16": round(ours["samples_per_s"] / peer["samples_per_s"], 3) if auto == "bf16" and ours and peer
         else None,
-        "cpu_bf16": BF16_UNITS, "quality_precision": auto,
+        "cpu_bf16": BF16_UNITS, "quality_precision": auto, "selfsup_cpu_gemm": (ours32 or {}).get("cpu_gemm"),
         "peak_rss_mb": {"selfsup": round(ours["peak_rss_mb"]) if ours else None,
                         "peer": round(peer["peak_rss_mb"]) if peer else None},
         "quality": {"knn_acc": knn_acc},

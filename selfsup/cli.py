@@ -7,15 +7,20 @@ SIGINT/SIGTERM at a safe point, with a checkpoint (rerun with --resume); 130 a s
 from __future__ import annotations
 
 import os
+import sys
 
 # Must happen before torch loads OpenMP: with torch's default 2 threads, OpenMP's spinning workers
 # cost ~8 ms per parallel op on this kind of machine; PASSIVE waiting removes that (shared/MACHINE.md,
 # measured again on the whole training step in bench/threads.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS (numpy's, which fp32 Linear layers use where it is faster than MKL: selfsup/nn/gemm.py)
+# reads this when numpy loads: its idle threads then sleep at once instead of spinning ~0.1 s after
+# each product on the cores torch's kernels need. Only meaningful before numpy loads, so only then.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from selfsup.errors import SelfsupError  # noqa: E402

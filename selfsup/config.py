@@ -72,6 +72,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where it was measured to help
     device: str = "auto"  # auto = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over every rank's rows (SyncBatchNorm) instead of each rank's
+    cpu_gemm: Literal["auto", "torch", "openblas"] = "auto"  # fp32 on the CPU: Linear products on MKL (torch) or OpenBLAS; auto = whichever measures faster here (selfsup/nn/gemm.py)
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted once a newer one is valid)

@@ -36,11 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.encoders.transformer import Block, RotaryEmbedding
 from selfsup.errors import SelfsupError
+from selfsup.nn.gemm import linear
 
 POSITIONS = ("learned", "rotary")
 POOLS = ("mean", "cls", "last")
@@ -140,7 +140,7 @@ class TextTransformer(nn.Module):
         """
         if self.lm_transform is not None:
             hidden = self.lm_transform(hidden)
-        return F.linear(hidden, self.output_embedding(), self.lm_bias)
+        return linear(hidden, self.output_embedding(), self.lm_bias)  # F.linear, or OpenBLAS (nn/gemm.py)
 
     def forward(
         self, input_ids: Tensor, mask: Tensor | None = None, attention_mask: Tensor | None = None,

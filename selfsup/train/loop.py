@@ -46,6 +46,7 @@ from selfsup.data.sampler import BatchOrder, shard
 from selfsup.errors import NonFiniteError, SelfsupError
 from selfsup.nn.diagnostics import collapse_warning
 from selfsup.nn.distributed import sync_batchnorm
+from selfsup.nn.gemm import choose_cpu_gemm, route_linears
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at
 from selfsup.train.progress import MetricsLog, Progress, TensorBoard, format_duration
@@ -212,13 +213,18 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
     ckpt_root = run_dir / "checkpoints"
 
     start = 0
+    saved: dict[str, Any] = {}
     if resume:
         resumed = checkpoint.resume_latest(ckpt_root, method, optimizer)  # logs why when it is None
         if resumed is not None:
-            path, state = resumed
-            order.load_state_dict(state["data_order"])
-            start = int(state["step"])
+            path, saved = resumed
+            order.load_state_dict(saved["data_order"])
+            start = int(saved["step"])
             log.info("resumed from %s (step %d)", path, start)
+    # Where fp32 CPU products run (nn/gemm.py): chosen once, then kept in the checkpoints, so a resume
+    # computes with the same library as the run it continues (bit-identical).
+    gemm = saved.get("cpu_gemm") or _choose_gemm(cfg, runtime)
+    route_linears(method, gemm)
 
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +238,7 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
         path = None
         if runtime.is_main:
             path = checkpoint.save_checkpoint(ckpt_root, step, method, optimizer,
-                                              {"data_order": order.state_dict(), "seed": seed}, cfg.keep_last)
+                                              {"data_order": order.state_dict(), "seed": seed, "cpu_gemm": gemm}, cfg.keep_last)
         runtime.barrier()
         return path
 
@@ -325,6 +331,17 @@ class _Estimate:
                      "encoder.width=16`, `vit_tiny`), `train.batch_size`, `data.image_size` or `data.seq_len`")
 
 
+def _choose_gemm(cfg: TrainConfig, runtime: Runtime) -> str:
+    """`train.cpu_gemm` resolved on rank 0 (measured there for "auto") and shared, so every rank
+    computes with the same library."""
+    backend = choose_cpu_gemm(cfg.cpu_gemm, runtime.device, runtime.autocast_dtype is not None)
+    if runtime.world_size > 1:
+        flag = torch.tensor([1 if backend == "openblas" else 0], device=runtime.device)
+        dist.broadcast(flag, src=0)
+        backend = "openblas" if int(flag) else "torch"
+    return backend
+
+
 def _check_split(cfg: TrainConfig, world_size: int) -> None:
     micro_batch, rem = divmod(cfg.batch_size, cfg.accum_steps * world_size)
     if rem or micro_batch < 1:
@@ -373,6 +390,7 @@ def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_
             torch.cuda.synchronize(device)
 
     probe = copy.deepcopy(method).to(device)
+    route_linears(probe, _choose_gemm(cfg, runtime))  # timed as `fit` will run it
     if cfg.sync_batchnorm:
         probe = sync_batchnorm(probe, device)
     model: nn.Module = DistributedDataParallel(probe) if world_size > 1 else probe
