@@ -31,6 +31,8 @@ EXIT_BAD_INPUT = 2
 
 # Kept equal to selfsup.data.builtins.PREPARABLE (a test checks) so that parsing never imports torch.
 PREPARABLE = ("glyphs", "emoji", "manpages", "klettres", "espeak")
+# The built-in modalities (selfsup.modalities.MODALITIES; a test checks), listed here so that parsing never imports torch.
+SHARD_MODALITIES = ("image", "text", "audio", "image_text")
 # Kept equal to selfsup.evaluate.transferability.SCORES (a test checks), for the same reason.
 SELECT_SCORES = ("logme", "knn", "linear_cv")
 LEVERAGE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # = selfsup.evaluate.ladder.METRICS (a test checks)
@@ -283,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     _add_run_dir_flags(p, "runs/demo")
 
-    p = sub.add_parser("data", help="built-in datasets",
-                       description="List built-in datasets and whether they are available; prepare those that are made once.")
+    p = sub.add_parser("data", help="built-in datasets, and sharding a source for streaming",
+                       description="List built-in datasets and whether they are available; prepare those that are made "
+                       "once; write any source as shards that a run streams.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     data_sub.add_parser("list", help="list built-in datasets and whether each is available here")
     p = data_sub.add_parser("prepare", help="make a built-in dataset that is rendered once (glyphs, emoji, manpages, "
@@ -314,6 +317,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pages", type=int, default=None,
                    help="manpages: render only this many pages, spread evenly (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild even when a build with the same settings exists")
+    p = data_sub.add_parser("shard", help="write a source as tar shards that a run streams (data.source=DIR)",
+                            description="Write any source a run accepts as a folder of WebDataset-layout tar shards "
+                            "(train-NNNNNN.tar, holdout-NNNNNN.tar, shards.json), split into training and held-out "
+                            "rows as a run splits them (data.holdout_fraction, seed), with labels and group columns. "
+                            "A run given data.source=DIR streams the training shards (data.workers, "
+                            "data.shuffle_buffer) instead of loading the source into memory. Images and audio keep "
+                            "their files' bytes (checked once, under data.on_bad_file); text is tokenized here "
+                            "(the tokenizer is trained on the training documents, or tokenizer.path) and stored "
+                            "as token ids.")
+    p.add_argument("source", help="a built-in name, a folder, a .csv/.jsonl manifest, an .npz (images), or a text "
+                   "source (.txt, .jsonl, .csv, a folder of .txt files)")
+    p.add_argument("--out", type=Path, required=True, help="the shards folder to write (must be empty or missing)")
+    p.add_argument("--modality", choices=SHARD_MODALITIES, default=None,
+                   help="what the source holds (default: data.modality, else text for manpages and .txt files, "
+                   "audio for klettres and espeak, image for the rest)")
+    p.add_argument("--shard-items", type=int, default=None,
+                   help="samples per shard (default 1000 images or clips, 4000 documents)")
+    p.add_argument("--tokenizer-kind", choices=["wordpiece", "bpe"], default=None,
+                   help="text: wordpiece for mlm (the default), bpe for next_token; a run refuses shards of the other")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shards folder in --out "
+                   "(only a folder `data shard` wrote, holding nothing else, is ever replaced)")
+    p.add_argument("overrides", nargs="*", help="data.*, tokenizer.* and seed overrides as key=value, e.g. "
+                   "data.holdout_fraction=0.1 data.label_column=species tokenizer.vocab_size=16000 seed=1")
     return parser
 
 
@@ -322,7 +348,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfsup.train.stop import EXIT_INTERRUPTED, Interrupted, StopSignal
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a command's positional arguments in one run: `key=value` overrides written after
+    # an option (`data shard SRC --out DIR data.seed=1`) come back unparsed, and are overrides still.
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     # Training commands stop at a safe point on SIGINT/SIGTERM; the handler goes in before anything
     # slow (torch's import, the data load), so a signal during start-up stops cleanly too. Other
@@ -385,6 +419,10 @@ def _dispatch(args: argparse.Namespace, exit_interrupted: int, interrupted: type
             from selfsup.demo import run_demo
 
             run_demo(args.out, steps=args.steps, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+        elif args.command == "data" and args.data_command == "shard":
+            from selfsup.commands import run_data_shard
+
+            run_data_shard(args)
         elif args.command == "data" and args.data_command == "prepare":
             from selfsup.commands import run_data_prepare
 

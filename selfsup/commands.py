@@ -8,8 +8,12 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selfsup.errors import SelfsupError
+
+if TYPE_CHECKING:
+    from selfsup.config import RunConfig
 
 log = logging.getLogger("selfsup")
 
@@ -292,3 +296,71 @@ def run_data_prepare(args: argparse.Namespace) -> None:
                              max_per_script=args.max_per_script, font_dir=args.font_dir,
                              scripts_file=args.scripts_file, force=args.force, progress=True)
     print(summary.describe())
+
+
+def run_data_shard(args: argparse.Namespace) -> None:
+    """`selfsup data shard SOURCE --out DIR`: the modality writes its shards (data/shards.py)."""
+    from selfsup.modalities import get_modality
+
+    cfg = shard_config(args.source, args.overrides)
+    name = args.modality or cfg.data.modality or _shard_modality(str(args.source))
+    if args.modality and cfg.data.modality and args.modality != cfg.data.modality:
+        raise SelfsupError(f"--modality {args.modality} and data.modality={cfg.data.modality} disagree; give one")
+    cfg.data.modality = name
+    modality = get_modality(name, "--modality")
+    shard_items = modality.shard_items if args.shard_items is None else args.shard_items
+    log.info("sharding %s as %s, %d per shard, into %s", args.source, name, shard_items, args.out)
+    summary = modality.write_shards(cfg, args.out, shard_items, args.overwrite, progress=True,
+                                    tokenizer_kind=args.tokenizer_kind)
+    print(summary.describe())
+
+
+def _shard_modality(source: str) -> str:
+    """The modality `data shard` assumes without --modality: a text or audio built-in's own, text for a
+    .txt file, else image (a folder or a manifest could hold anything: --modality says otherwise)."""
+    from selfsup.data.audio import AUDIO_BUILTINS
+    from selfsup.data.text import TEXT_BUILTINS
+
+    if source in TEXT_BUILTINS or source.lower().endswith(".txt"):
+        return "text"
+    return "audio" if source in AUDIO_BUILTINS else "image"
+
+
+_SHARD_SECTIONS = ("seed", "data", "tokenizer")  # what `data shard` reads of a run config
+
+
+def shard_config(source: str, overrides: list[str]) -> "RunConfig":
+    """The run config `data shard` works from: defaults, `data.source=SOURCE` and `data.*`, `tokenizer.*`
+    and `seed` overrides, checked as a run checks them; other sections belong to a run, not to its data."""
+    from selfsup.config import DataConfig, RunConfig, TokenizerConfig, from_dict, parse_override
+    from selfsup.data.decode import check_bad_file_settings
+
+    tree: dict = {"data": {}, "tokenizer": {}}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key[0] not in _SHARD_SECTIONS or (key[0] == "seed") != (len(key) == 1):
+            raise SelfsupError(f"override `{text}`: `data shard` takes data.*, tokenizer.* and seed (the data's "
+                               "settings); give the others to `selfsup pretrain`")
+        if key[0] == "seed":
+            tree["seed"] = value
+        else:
+            tree[key[0]][".".join(key[1:])] = value
+    if "source" in tree["data"]:
+        raise SelfsupError("give the source once, as the SOURCE argument (not data.source=...)")
+    tree["data"]["source"] = str(source)
+    cfg = RunConfig(seed=from_dict(RunConfig, {"seed": tree.get("seed", 0)}).seed,
+                    data=from_dict(DataConfig, tree["data"], prefix="data."),
+                    tokenizer=from_dict(TokenizerConfig, tree["tokenizer"], prefix="tokenizer."))
+    d = cfg.data
+    for key, value in {"data.image_size": d.image_size, "data.sample_rate": d.sample_rate,
+                       "data.max_line_chars": d.max_line_chars}.items():
+        if value < 1:
+            raise SelfsupError(f"`{key}` must be at least 1, got {value}")
+    if d.channels not in (1, 3):
+        raise SelfsupError(f"`data.channels` must be 1 or 3, got {d.channels}")
+    if not 0 <= d.holdout_fraction < 1:
+        raise SelfsupError(f"`data.holdout_fraction` must be in [0, 1), got {d.holdout_fraction}")
+    if not d.max_file_seconds > 0:
+        raise SelfsupError(f"`data.max_file_seconds` must be positive (seconds), got {d.max_file_seconds}")
+    check_bad_file_settings(d.on_bad_file, d.max_bad_fraction)
+    return cfg

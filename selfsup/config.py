@@ -37,6 +37,9 @@ class DataConfig:
     channels: int = 3  # 3 = RGB (greyscale sources are replicated), 1 = greyscale
     on_bad_file: Literal["error", "skip"] = "error"  # what an unreadable image or audio file does: stop the run, or be skipped and counted
     max_bad_fraction: float = 0.01  # with on_bad_file=skip, abort when more than this fraction of files is bad
+    # sharded sources (a folder written by `selfsup data shard`)
+    workers: int = 2  # DataLoader worker processes per rank decoding a shard source; 0 = decode in the training process. 2 keeps one decoding while the other reads, without starving a 2-core machine's training threads
+    shuffle_buffer: int = 1000  # items each worker holds and draws from at random (a bigger buffer mixes shards more, costs memory)
     # text
     seq_len: int = 128  # tokens per packed training block (documents are concatenated and cut into blocks)
     document_masks: bool = False  # true = a token attends only to its own document within a block; false = GPT-2/RoBERTa packing (cheaper)
@@ -72,7 +75,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where it was measured to help
     device: str = "auto"  # auto = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over every rank's rows (SyncBatchNorm) instead of each rank's
-    cpu_gemm: Literal["auto", "torch", "openblas"] = "auto"  # fp32 on the CPU: Linear products on MKL (torch) or OpenBLAS; auto = whichever measures faster here (selfsup/nn/gemm.py)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp = a whole copy per rank; fsdp = parameters, gradients and optimizer state sharded over the ranks (FSDP2, sharded checkpoints resumable on any number of ranks)
+    cpu_gemm: Literal["auto", "torch", "openblas"] = "auto"  # fp32 on the CPU: Linear products on MKL (torch) or OpenBLAS; auto = OpenBLAS on AMD CPUs, where MKL is slow, MKL elsewhere (selfsup/nn/gemm.py)
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted once a newer one is valid)
@@ -377,6 +381,9 @@ def validate(cfg: RunConfig) -> None:
     for key, value in {"data.max_seconds": cfg.data.max_seconds, "data.max_file_seconds": cfg.data.max_file_seconds}.items():
         if not value > 0:
             raise SelfsupError(f"`{key}` must be positive (seconds), got {value}")
+    for key, value in {"data.workers": cfg.data.workers, "data.shuffle_buffer": cfg.data.shuffle_buffer}.items():
+        if value < 0:
+            raise SelfsupError(f"`{key}` must be 0 or more, got {value}")
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise SelfsupError(f"`data.holdout_fraction` must be in [0, 1), got {cfg.data.holdout_fraction}")
     for frac in cfg.probe.fractions:

@@ -28,7 +28,7 @@ from selfsup.modalities import load_splits, run_modality  # noqa: F401 (load_spl
 from selfsup.modalities.base import Assembly
 from selfsup.rundir import (CONFIG_FILE, STARTING, TRAINING, claim_run_dir, clear_run_dir, release_run_dir,
                             resolve_tower, starting_towers, tower_dir)
-from selfsup.train import checkpoint
+from selfsup.train import checkpoint, sharded
 from selfsup.train.loop import FitResult, fit, steps_for_budget
 from selfsup.train.runtime import Runtime, init_runtime
 from selfsup.train.stop import Interrupted, StopSignal
@@ -166,7 +166,8 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
         runtime.barrier()  # rank 0 has checked (and with --overwrite emptied) the run directory
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
-        train, holdout = load_splits(cfg, progress=show_progress and runtime.is_main)
+        # a shards folder's training split is streamed, not loaded (modalities.load_splits)
+        train, holdout = load_splits(cfg, progress=show_progress and runtime.is_main, stream=True)
         parts = modality.assemble(cfg, out, runtime, train, holdout, spec, progress=show_progress)
         towers, descriptions = build_towers(cfg, parts.encoder_inputs)
         method = build_method(parts.method_section, **towers).to(runtime.device)
@@ -194,10 +195,13 @@ def _pretrain(cfg: RunConfig | None, out: Path, resume: bool, stop_after: int | 
     result = fit(method, parts.batches, cfg.train, out, runtime, seed=cfg.seed, resume=resume,
                  monitor=monitor, stop_after=stop_after, stop=stop)
     first = tower_sections(cfg)[spec.roles[0]][1]
-    if runtime.is_main and result.steps == cfg.train.steps:
-        _save_towers(out, cfg, spec, method, descriptions, parts, result.steps, train.source)
+    finished = result.steps == cfg.train.steps
+    # Rank 0 writes the towers from the whole weights: under train.parallel=fsdp every rank sends its shards.
+    trained = sharded.whole(method, runtime) if finished else None
+    if runtime.is_main and finished:
+        _save_towers(out, cfg, spec, trained, descriptions, parts, result.steps, train.source)
         if parts.after_training is not None:
-            parts.after_training(method, runtime, out)
+            parts.after_training(trained, runtime, out)
         _check_stop(stop, f"after the final checkpoint (step {result.steps}) and the encoder export, "
                           "before the report")
         if report:

@@ -6,7 +6,8 @@ RUN/
   .selfsup.lock          advisory lock while a process writes the run
   config.yaml            the resolved config (a resume must match it)
   metrics.jsonl          one JSON object per step
-  checkpoints/step-N/    model.safetensors, optimizer.pt, state.pt, manifest.json (train/checkpoint.py)
+  checkpoints/step-N/    model.safetensors, optimizer.pt, state.pt, manifest.json (train/checkpoint.py;
+                         train.parallel=fsdp: DCP shards + state.pt + manifest.json, train/sharded.py)
   encoder.safetensors    single-tower runs: the encoder, and encoder.json to rebuild it
   encoder.json             (preprocess.modality always written)
   towers/ROLE/           multi-tower runs: each tower's encoder.safetensors + encoder.json (+ its tokenizer)

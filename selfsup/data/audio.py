@@ -28,19 +28,21 @@ the batch; `lengths` says how many samples of each row are real.
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from selfsup.data.decode import _BadFile, _BadFilePolicy, _decode_files, _FileKind, check_bad_file_settings
-from selfsup.data.sources import (_folder_labels, _manifest_group_columns, _manifest_groups, _manifest_items,
-                                  _manifest_labels, _read_manifest_rows, check_label_column, walk_files)
+from selfsup.data.shards import BadSamples, Sample, payload_member, sample_meta
+from selfsup.data.sources import FileListing, list_file_source
 from selfsup.errors import SelfsupError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
@@ -188,30 +190,20 @@ def load_audio_builtin(name: str, sample_rate: int = 16000, label_column: str = 
 
 def _load_folder(root: Path, decode: _Decoder, policy: _BadFilePolicy, progress: bool) -> AudioSet:
     """A folder tree; hidden files and folders (".name") are ignored, symlinked folders not followed."""
-    relative = walk_files(root, AUDIO_EXTENSIONS)
-    if not relative:
-        raise SelfsupError(f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
-    items = [(root / rel, str(root / rel)) for rel in relative]
-    kept, waves, bad = _decode_files(items, decode, policy, progress, AUDIO_FILES)
-    labels, classes = _folder_labels(relative, kept)
-    return AudioSet(waves=waves, ids=[relative[row] for row in kept], labels=labels, classes=classes, groups={},
-                    source=str(root), num_skipped=len(bad), sample_rate=decode.sample_rate)
+    return _load_listed(list_file_source(root, AUDIO_EXTENSIONS, "audio files"), decode, policy, progress)
 
 
 def _load_manifest(manifest: Path, decode: _Decoder, policy: _BadFilePolicy, label_column: str,
                    group_columns: list[str] | None, progress: bool) -> AudioSet:
-    rows, columns = _read_manifest_rows(manifest)
-    if not rows:
-        raise SelfsupError(f"{manifest}: the manifest lists no audio files")
-    check_label_column(manifest, columns, label_column)
-    group_columns = _manifest_group_columns(manifest, columns, group_columns)
-    items, ids = _manifest_items(manifest, rows)
-    kept, waves, bad = _decode_files(items, decode, policy, progress, AUDIO_FILES)
-    rows = [rows[row] for row in kept]
-    labels, classes = _manifest_labels(rows, columns, label_column)
-    groups = _manifest_groups(manifest, rows, group_columns)
-    return AudioSet(waves=waves, ids=[ids[row] for row in kept], labels=labels, classes=classes, groups=groups,
-                    source=str(manifest), num_skipped=len(bad), sample_rate=decode.sample_rate)
+    listing = list_file_source(manifest, AUDIO_EXTENSIONS, "audio files", label_column, group_columns)
+    return _load_listed(listing, decode, policy, progress)
+
+
+def _load_listed(listing: FileListing, decode: _Decoder, policy: _BadFilePolicy, progress: bool) -> AudioSet:
+    kept, waves, bad = _decode_files(listing.items, decode, policy, progress, AUDIO_FILES)
+    ids, labels, classes, groups = listing.rows(kept)
+    return AudioSet(waves=waves, ids=ids, labels=labels, classes=classes, groups=groups, source=listing.source,
+                    num_skipped=len(bad), sample_rate=decode.sample_rate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +228,13 @@ def decode_audio(path: Path, sample_rate: int = 16000, max_file_seconds: float =
     return finish_wave(wave, rate, sample_rate)
 
 
+def decode_audio_bytes(data: bytes, sample_rate: int = 16000, max_file_seconds: float = 600.0) -> np.ndarray:
+    """An audio file held in memory (a shard member) -> float32 [T] mono at `sample_rate`, or
+    `_BadFile`: the same decoding and checks as a file (`decode_audio`)."""
+    wave, rate = _read_mono(io.BytesIO(data), max_file_seconds)
+    return finish_wave(wave, rate, sample_rate)
+
+
 def finish_wave(wave: np.ndarray, rate: int, sample_rate: int = 16000) -> np.ndarray:
     """Decoded mono samples float32 [T] at `rate` -> float32 [T'] at `sample_rate`, or `_BadFile` when
     they hold NaN or infinite values or only silence (the checks every decoded clip passes)."""
@@ -251,12 +250,13 @@ def finish_wave(wave: np.ndarray, rate: int, sample_rate: int = 16000) -> np.nda
     return wave
 
 
-def _read_mono(path: Path, max_file_seconds: float) -> tuple[np.ndarray, int]:
-    """(float32 [T] mono as recorded, its sample rate); the header is checked before any sample is read."""
+def _read_mono(path: Path | io.BytesIO, max_file_seconds: float) -> tuple[np.ndarray, int]:
+    """(float32 [T] mono as recorded, its sample rate) of a file or of a file's bytes in memory; the
+    header is checked before any sample is read."""
     import soundfile  # loads libsndfile: only when audio is read, not whenever selfsup.data.audio is imported
 
     try:
-        if path.stat().st_size == 0:
+        if _size(path) == 0:
             raise _BadFile("empty file (0 bytes)")
         with soundfile.SoundFile(path) as fh:
             frames, rate, channels = fh.frames, fh.samplerate, fh.channels
@@ -294,11 +294,15 @@ def _read_mono(path: Path, max_file_seconds: float) -> tuple[np.ndarray, int]:
     return mono[:done], rate
 
 
-def _check_wav_size(path: Path) -> None:
+def _size(path: Path | io.BytesIO) -> int:
+    return path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size
+
+
+def _check_wav_size(path: Path | io.BytesIO) -> None:
     """A RIFF/WAVE file whose `data` chunk promises more bytes than the file holds is truncated
     (libsndfile would quietly read what is there); a streaming placeholder size is not."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    size = _size(path)
+    with (io.BytesIO(path.getbuffer()) if isinstance(path, io.BytesIO) else open(path, "rb")) as fh:
         head = fh.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return  # RF64 and friends: libsndfile's own checks apply
@@ -356,28 +360,101 @@ class AudioBatches:
 
     def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
         rows = indices.tolist()
-        B = len(rows)
-        u = torch.rand(B, generator=generator, device=generator.device, dtype=torch.float64).cpu()  # [B]
-        full = self.lengths[indices.cpu()]  # [B]
-        lengths = full.clamp(max=self.max_samples)  # [B]
-        starts = (u * (full - lengths + 1).double()).floor().long().clamp(max=full - lengths)  # [B]
-        audio = torch.zeros(B, int(lengths.max()) if B else 0)  # [B, T]
-        for i, row in enumerate(rows):
-            start, length = int(starts[i]), int(lengths[i])
-            audio[i, :length] = self.data.waves[row][start : start + length]
-        audio = audio.to(self.device, non_blocking=True)
-        lengths_dev = lengths.to(self.device, non_blocking=True)
-        batch: dict[str, Any] = {
-            "audio": normalise_padded(audio, lengths_dev),
-            "lengths": lengths_dev,
-            # Masking that is the objective (wav2vec 2.0's spans, HuBERT's) draws from it after the crops.
-            "generator": generator,
-            "id": [self.data.ids[i] for i in rows],
-            "index": indices,
-        }
-        if self.data.labels is not None:
-            batch["label"] = self.data.labels[indices.cpu()].to(self.device)
-        return batch
+        labels = None if self.data.labels is None else self.data.labels[indices.cpu()]
+        return clip_batch([self.data.waves[row] for row in rows], self.lengths[indices.cpu()],
+                          [self.data.ids[i] for i in rows], labels, self.max_samples, self.device, generator, indices)
+
+
+def clip_batch(waves: list[Tensor], full: Tensor, ids: list[str], labels: Tensor | None, max_samples: int,
+               device: torch.device, generator: torch.Generator, index: Tensor | None = None) -> dict[str, Any]:
+    """The audio batch (`AudioBatches`' fields) of B clips float32 [T_b] with their lengths int64 [B]:
+    cropped at starts drawn from the step's generator, normalised, padded, on `device` (in memory or
+    streamed alike)."""
+    B = len(waves)
+    u = torch.rand(B, generator=generator, device=generator.device, dtype=torch.float64).cpu()  # [B]
+    lengths = full.clamp(max=max_samples)  # [B]
+    starts = (u * (full - lengths + 1).double()).floor().long().clamp(max=full - lengths)  # [B]
+    audio = torch.zeros(B, int(lengths.max()) if B else 0)  # [B, T]
+    for i, wave in enumerate(waves):
+        start, length = int(starts[i]), int(lengths[i])
+        audio[i, :length] = wave[start : start + length]
+    audio = audio.to(device, non_blocking=True)
+    lengths_dev = lengths.to(device, non_blocking=True)
+    batch: dict[str, Any] = {
+        "audio": normalise_padded(audio, lengths_dev),
+        "lengths": lengths_dev,
+        # Masking that is the objective (wav2vec 2.0's spans, HuBERT's) draws from it after the crops.
+        "generator": generator,
+        "id": ids,
+    }
+    if index is not None:  # a streamed batch has no in-memory rows to index
+        batch["index"] = index
+    if labels is not None:
+        batch["label"] = labels.to(device)
+    return batch
+
+
+class AudioStreamBatches:
+    """The audio batches of a streamed shards folder: `stream_parts` (clips decoded and resampled in
+    data/stream.py's workers) and `(collated, generator)` -> the batch dict `AudioBatches` makes (the
+    crops drawn from the step's generator here, as in memory), from a collated micro-batch (clips,
+    ids, labels int64 [B])."""
+
+    def __init__(self, stream_parts: Any, max_samples: int, device: torch.device, labelled: bool, num_items: int):
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise SelfsupError(f"max_samples must be a positive integer, got {max_samples!r}")
+        self.stream_parts, self.max_samples, self.device = stream_parts, max_samples, torch.device(device)
+        self.labelled, self.num_items = labelled, num_items
+
+    def __call__(self, collated: tuple[list[Tensor], list[str], Tensor], generator: torch.Generator) -> dict[str, Any]:
+        waves, ids, labels = collated
+        full = torch.tensor([len(w) for w in waves], dtype=torch.long)  # [B]
+        return clip_batch(list(waves), full, list(ids), labels if self.labelled else None, self.max_samples,
+                          self.device, generator)
+
+
+MIN_SAMPLES = 400  # wav2vec 2.0's conv stack needs one receptive field (25 ms at 16 kHz) for one frame
+
+
+@dataclass(frozen=True)
+class DecodeClips:
+    """A stream's `to_items` for audio (runs in a DataLoader worker): each sample's audio member decoded
+    as a file is at load (`decode_audio_bytes`: mono, resampled to `sample_rate`) -> (float32 [T], id,
+    label); a member that cannot be decoded, or shorter than one frame, stops the run naming shard and
+    member, or is skipped and counted (`data.on_bad_file`, shards.BadSamples)."""
+
+    sample_rate: int
+    max_file_seconds: float
+    on_bad: str = "error"
+    max_bad_fraction: float = 0.01
+    per_sample: ClassVar[bool] = True  # one item per sample, nothing carried over: a resume skips samples undecoded
+
+    def __call__(self, samples: Iterator[Sample]) -> Iterator[tuple[Tensor, str, int]]:
+        bad = BadSamples(self.on_bad, self.max_bad_fraction)
+        payload = payload_member(AUDIO_EXTENSIONS, "audio")
+        for key, files in samples:
+            meta = sample_meta(key, files)
+            ext = payload(key, files)
+            try:
+                wave = decode_clip_bytes(files[ext], self.sample_rate, self.max_file_seconds)
+            except _BadFile as err:
+                bad.failed(f"{key}.{ext}", err)
+                continue
+            bad.ok()
+            yield torch.from_numpy(wave), meta["id"], int(meta["label"])
+
+
+def decode_clip_bytes(data: bytes, sample_rate: int, max_file_seconds: float) -> np.ndarray:
+    """`decode_audio_bytes`, and a clip shorter than one frame's receptive field is bad input too."""
+    wave = decode_audio_bytes(data, sample_rate, max_file_seconds)
+    if len(wave) < MIN_SAMPLES:
+        raise _BadFile(f"too short: {len(wave)} samples at {sample_rate} Hz, under the {MIN_SAMPLES} of one frame")
+    return wave
+
+
+def collate_clips(items: list[tuple[Tensor, str, int]]) -> tuple[list[Tensor], list[str], Tensor]:
+    """(clips float32 [T_b] of any length, ids, labels int64 [B]) of a micro-batch of decoded clips."""
+    return [i[0] for i in items], [i[1] for i in items], torch.tensor([i[2] for i in items], dtype=torch.long)
 
 
 def normalise_padded(audio: Tensor, lengths: Tensor) -> Tensor:

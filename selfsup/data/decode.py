@@ -8,20 +8,25 @@ act on; `_decode_all` turns those into an error naming the file, or (on_bad="ski
 logs a summary and still fails once more than `max_bad_fraction` of the files are bad.
 
 That policy (`_decode_files`, `_BadFile`, `_BadFilePolicy`) is shared with audio files
-(`audio.py`), which name their files differently in its messages (`_FileKind`).
+(`audio.py`), which name their files differently in its messages (`_FileKind`). `DecodedStream` is
+the same policy over a stream of inputs (`data shard` checks every file of a source larger than
+memory); `decode_image_bytes` decodes an image held in memory (a shard member) like a file.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,6 +41,9 @@ T = TypeVar("T")
 _MAX_DECODE_WORKERS = 4
 # Bad-file summaries name this many files; a long list hides the pattern instead of showing it.
 _NUM_NAMED = 5
+# Inputs submitted ahead per decoding thread: enough to keep the threads busy, few enough that a
+# source larger than memory streams through.
+_IN_FLIGHT = 8
 
 
 class _BadFile(Exception):
@@ -58,10 +66,32 @@ def check_bad_file_settings(on_bad: str, max_bad_fraction: float) -> None:
 
 def _decode(path: Path, image_size: int, channels: int) -> np.ndarray:
     """One file -> uint8 [channels, S, S], or _BadFile with a reason."""
+    return _decode_image(path, image_size, channels)
+
+
+def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarray:
+    """An encoded image held in memory (a shard member) -> uint8 [channels, S, S], or _BadFile with a
+    reason: the same geometry, colour rules and checks as a file (`_decode`). The caller makes the
+    pixel-limit warning an error (`pixel_limit_is_error`), as `_decode_all` does around its pool."""
+    return _decode_image(io.BytesIO(data), image_size, channels)
+
+
+@contextmanager
+def pixel_limit_is_error() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning made an error (which `_decode_image` reports as `_BadFile`).
+    catch_warnings is not thread-safe, so it is entered once around a pool or a loop, never per image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode_image(source: Path | io.BytesIO, image_size: int, channels: int) -> np.ndarray:
+    """A file or an in-memory encoded image -> uint8 [channels, S, S], or _BadFile with a reason."""
     try:
-        if path.stat().st_size == 0:
+        size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size
+        if size == 0:
             raise _BadFile("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             limit = Image.MAX_IMAGE_PIXELS
             width, height = im.size
             if limit is not None and width * height > limit:
@@ -139,8 +169,7 @@ def _decode_all(
     The pixel-limit warning is made an error for the duration: catch_warnings is not thread-safe,
     so it is entered once here, around the whole pool, instead of inside each worker.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pixel_limit_is_error():
         kept, arrays, bad = _decode_files(items, lambda path: _decode(path, image_size, channels), policy, progress,
                                           IMAGE_FILES)
     return kept, np.stack(arrays), bad
@@ -159,48 +188,87 @@ def _decode_files(
     Shared by images and audio: on_bad="error" stops at the first bad file, naming it; "skip" drops
     bad files, logs a summary, and still fails once more than `max_bad_fraction` of them are bad.
     """
-    num_items = len(items)
+    decoded = DecodedStream(items, len(items), decode, policy, progress, kind)
     kept: list[int] = []
     values: list[T] = []
-    bad: list[str] = []
-    # abort as soon as the bad fraction is certain to exceed the limit, not after decoding all
-    max_bad = math.floor(policy.max_bad_fraction * num_items + 1e-9)  # 1e-9: 0.29 * 100 is 28.999...
-    bar = _progress_bar(num_items, kind.title) if progress else None
-    pool = ThreadPoolExecutor(max_workers=min(_MAX_DECODE_WORKERS, os.cpu_count() or 1))
-    try:
-        if bar is not None:
-            bar[0].start()
-        jobs = [pool.submit(decode, path) for path, _ in items]
-        for row, job in enumerate(jobs):
-            try:
-                values.append(job.result())
-                kept.append(row)
-            except _BadFile as err:
-                name = items[row][1]
-                if policy.on_bad == "error":
-                    raise SelfsupError(f"{name}: {err}; fix or remove it, "
-                                       "or pass data.on_bad_file=skip") from None
-                bad.append(f"{name} ({err})")
-                if len(bad) > max_bad:
-                    raise SelfsupError(
-                        f"at least {len(bad)} of {num_items} {kind.files} "
-                        f"({len(bad) / num_items:.1%}) cannot be decoded, over the limit "
-                        f"data.max_bad_fraction={policy.max_bad_fraction:g}; first: "
-                        f"{'; '.join(bad[:_NUM_NAMED])}. Fix or remove them, or raise the limit"
-                    ) from None
+    for row, value in decoded:
+        kept.append(row)
+        values.append(value)
+    return kept, values, decoded.bad
+
+
+@dataclass
+class DecodedStream(Generic[T]):
+    """(row, decoded value) of the kept inputs of `items` ((input, display name) pairs, any iterable
+    of `num_items`), in order, decoded by `decode` on a few threads with a bounded number in flight,
+    so that a source larger than memory streams through (`data shard` checks every file this way).
+
+    The bad-file policy is `_decode_files`' (on_bad="error" stops at the first bad input, naming it;
+    "skip" drops it, and fails once more than `max_bad_fraction` of `num_items` are bad); after the
+    last row, `bad` holds the skipped names with reasons, and a summary is logged.
+    """
+
+    items: Iterable[tuple[Any, str]]
+    num_items: int
+    decode: Callable[[Any], T]
+    policy: _BadFilePolicy
+    progress: bool
+    kind: _FileKind
+    bad: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[int, T]]:
+        num_items, policy, bad = self.num_items, self.policy, self.bad
+        # abort as soon as the bad fraction is certain to exceed the limit, not after decoding all
+        max_bad = math.floor(policy.max_bad_fraction * num_items + 1e-9)  # 1e-9: 0.29 * 100 is 28.999...
+        num_threads = min(_MAX_DECODE_WORKERS, os.cpu_count() or 1)
+        bar = _progress_bar(num_items, self.kind.title) if self.progress else None
+        pool = ThreadPoolExecutor(max_workers=num_threads)
+        jobs: deque[tuple[int, str, Future]] = deque()
+        num_kept = 0
+        try:
             if bar is not None:
-                bar[0].advance(bar[1])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar[0].stop()
-    if bad:
-        more = f" and {len(bad) - _NUM_NAMED} more" if len(bad) > _NUM_NAMED else ""
-        logger.warning("skipped %d of %d %s that cannot be decoded: %s%s",
-                       len(bad), num_items, kind.files, "; ".join(bad[:_NUM_NAMED]), more)
-    if not kept:
-        raise SelfsupError(f"{kind.nothing}: every file failed to decode")
-    return kept, values, bad
+                bar[0].start()
+            pending = enumerate(self.items)
+            while True:
+                while len(jobs) < _IN_FLIGHT * num_threads:  # keep the threads busy, memory bounded
+                    nxt = next(pending, None)
+                    if nxt is None:
+                        break
+                    row, (value, name) = nxt
+                    jobs.append((row, name, pool.submit(self.decode, value)))
+                if not jobs:
+                    break
+                row, name, job = jobs.popleft()
+                try:
+                    decoded = job.result()
+                except _BadFile as err:
+                    if policy.on_bad == "error":
+                        raise SelfsupError(f"{name}: {err}; fix or remove it, "
+                                           "or pass data.on_bad_file=skip") from None
+                    bad.append(f"{name} ({err})")
+                    if len(bad) > max_bad:
+                        raise SelfsupError(
+                            f"at least {len(bad)} of {num_items} {self.kind.files} "
+                            f"({len(bad) / max(num_items, 1):.1%}) cannot be decoded, over the limit "
+                            f"data.max_bad_fraction={policy.max_bad_fraction:g}; first: "
+                            f"{'; '.join(bad[:_NUM_NAMED])}. Fix or remove them, or raise the limit"
+                        ) from None
+                else:
+                    num_kept += 1
+                    yield row, decoded
+                finally:
+                    if bar is not None:
+                        bar[0].advance(bar[1])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar[0].stop()
+        if bad:
+            more = f" and {len(bad) - _NUM_NAMED} more" if len(bad) > _NUM_NAMED else ""
+            logger.warning("skipped %d of %d %s that cannot be decoded: %s%s",
+                           len(bad), num_items, self.kind.files, "; ".join(bad[:_NUM_NAMED]), more)
+        if not num_kept:
+            raise SelfsupError(f"{self.kind.nothing}: every file failed to decode")
 
 
 def _progress_bar(total: int, title: str) -> tuple[object, object]:

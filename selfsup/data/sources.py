@@ -18,6 +18,8 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +50,61 @@ def walk_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(relative)
 
 
+@dataclass
+class FileListing:
+    """The files a folder or a manifest names, before any is read: (path, display name) per row and
+    what the kept rows' ids, labels, classes and groups will be. Image and audio sources decode
+    `items` and call `rows(kept)`; `data shard` lists a source this way, checks its files, splits
+    the kept rows and only then copies their bytes."""
+
+    items: list[tuple[Path, str]]
+    rows: Callable[[list[int]], tuple[list[str], torch.Tensor | None, list[str] | None, dict[str, list[str]]]]
+    source: str
+
+
+def list_file_source(path: Path, extensions: tuple[str, ...], what: str, label_column: str = DEFAULT_LABEL_COLUMN,
+                     group_columns: list[str] | None = None) -> FileListing:
+    """A folder tree (files with `extensions`; class sub-folders become labels) or a .csv/.jsonl
+    manifest (`path` column, labels from `label_column`, subgroups from `group_columns`) as a
+    `FileListing`; `what` names its files in errors ("image files", "audio files")."""
+    if path.is_dir():
+        relative = walk_files(path, extensions)
+        if not relative:
+            raise SelfsupError(f"{path}: no {what} found (looked for {', '.join(extensions)})")
+
+        def folder_rows(kept: list[int]):
+            labels, classes = _folder_labels(relative, kept)
+            return [relative[row] for row in kept], labels, classes, {}
+
+        return FileListing([(path / rel, str(path / rel)) for rel in relative], folder_rows, str(path))
+    rows, columns = _read_manifest_rows(path)
+    if not rows:
+        raise SelfsupError(f"{path}: the manifest lists no {what}")
+    check_label_column(path, columns, label_column)
+    groups = _manifest_group_columns(path, columns, group_columns)
+    items, ids = _manifest_items(path, rows)
+
+    def manifest_rows(kept: list[int]):
+        kept_rows = [rows[row] for row in kept]
+        labels, classes = _manifest_labels(kept_rows, columns, label_column)
+        return [ids[row] for row in kept], labels, classes, _manifest_groups(path, kept_rows, groups)
+
+    return FileListing(items, manifest_rows, str(path))
+
+
 def _load_folder(root: Path, image_size: int, channels: int, policy: _BadFilePolicy,
                  progress: bool) -> ImageSet:
     """A folder tree; hidden files and folders (".name") are ignored, symlinked folders not followed."""
-    relative = walk_files(root, IMAGE_EXTENSIONS)
-    if not relative:
-        raise SelfsupError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return _load_listed(list_file_source(root, IMAGE_EXTENSIONS, "image files"), image_size, channels, policy,
+                        progress)
 
-    items = [(root / rel, str(root / rel)) for rel in relative]
-    kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
-    labels, classes = _folder_labels(relative, kept)
-    return ImageSet(images=torch.from_numpy(pixels), ids=[relative[row] for row in kept],
-                    labels=labels, classes=classes, groups={}, source=str(root), num_skipped=len(bad))
+
+def _load_listed(listing: FileListing, image_size: int, channels: int, policy: _BadFilePolicy,
+                 progress: bool) -> ImageSet:
+    kept, pixels, bad = _decode_all(listing.items, image_size, channels, policy, progress)
+    ids, labels, classes, groups = listing.rows(kept)
+    return ImageSet(images=torch.from_numpy(pixels), ids=ids, labels=labels, classes=classes, groups=groups,
+                    source=listing.source, num_skipped=len(bad))
 
 
 def _folder_labels(relative: list[str], kept: list[int]) -> tuple[torch.Tensor | None, list[str] | None]:
@@ -133,18 +178,8 @@ def _sorted_classes(names: set[str]) -> list[str]:
 
 def _load_manifest(manifest: Path, image_size: int, channels: int, policy: _BadFilePolicy,
                    label_column: str, group_columns: list[str] | None, progress: bool) -> ImageSet:
-    rows, columns = _read_manifest_rows(manifest)
-    if not rows:
-        raise SelfsupError(f"{manifest}: the manifest lists no images")
-    check_label_column(manifest, columns, label_column)
-    group_columns = _manifest_group_columns(manifest, columns, group_columns)
-    items, ids = _manifest_items(manifest, rows)
-    kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
-    rows = [rows[row] for row in kept]
-    labels, classes = _manifest_labels(rows, columns, label_column)
-    groups = _manifest_groups(manifest, rows, group_columns)
-    return ImageSet(images=torch.from_numpy(pixels), ids=[ids[row] for row in kept], labels=labels,
-                    classes=classes, groups=groups, source=str(manifest), num_skipped=len(bad))
+    listing = list_file_source(manifest, IMAGE_EXTENSIONS, "images", label_column, group_columns)
+    return _load_listed(listing, image_size, channels, policy, progress)
 
 
 def _manifest_group_columns(manifest: Path, columns: list[str], group_columns: list[str] | None) -> list[str]:

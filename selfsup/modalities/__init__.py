@@ -8,15 +8,19 @@ registry. Tests register a toy modality the same way (tests/modalities/).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from selfsup.data.shards import ShardSplit, is_shard_folder, load_index
 from selfsup.errors import SelfsupError
 from selfsup.modalities.audio import AudioModality
 from selfsup.modalities.base import Modality, Reader
 from selfsup.modalities.image import ImageModality
 from selfsup.modalities.image_text import ImageTextModality
 from selfsup.modalities.text import TextModality
+
+log = logging.getLogger("selfsup")
 
 MODALITIES: dict[str, Modality] = {
     "image": ImageModality(),
@@ -60,10 +64,33 @@ def run_modality(cfg: Any) -> Modality:
     return get_modality(cfg.data.modality, "data.modality")
 
 
-def load_splits(cfg: Any, progress: bool = True) -> tuple[Any, Any]:
-    """(train, holdout) of a run config's data: the same split for pretraining, probes and adapt."""
+def load_splits(cfg: Any, progress: bool = True, stream: bool = False) -> tuple[Any, Any]:
+    """(train, holdout) of a run config's data: the same split for pretraining, probes and adapt.
+
+    A shards folder (`selfsup data shard`) holds its split already: the held-out split is read into
+    memory; the training split too, unless `stream` (pretraining), where it stays a `ShardSplit` that
+    the modality's assembly streams. Its split was made when it was written (its seed and holdout
+    fraction); a run whose own differ is told so and uses the folder's."""
     modality = run_modality(cfg)
+    if is_shard_folder(cfg.data.source):
+        return _shard_splits(modality, cfg, progress, stream)
     return modality.split(modality.load(cfg, progress), cfg.data.holdout_fraction, cfg.seed)
+
+
+def _shard_splits(modality: Modality, cfg: Any, progress: bool, stream: bool) -> tuple[Any, Any]:
+    index = load_index(Path(cfg.data.source))
+    if index.modality != modality.name:
+        raise SelfsupError(f"{index.folder}: holds {index.modality} shards, but this run reads {modality.name} "
+                           f"(data.modality); set data.modality={index.modality} with a method for it, or shard the "
+                           f"{modality.name} source")
+    made = {"seed": index.meta.get("seed"), "holdout_fraction": index.meta.get("holdout_fraction")}
+    asked = {"seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction}
+    if made != asked:
+        log.info("%s: its split was made at shard time (%s), not with this run's (%s)", index.folder,
+                 ", ".join(f"{k}={v}" for k, v in made.items()), ", ".join(f"{k}={v}" for k, v in asked.items()))
+    holdout = modality.load_shards(cfg, index, "holdout", progress)
+    train = ShardSplit(index) if stream else modality.load_shards(cfg, index, "train", progress)
+    return train, holdout
 
 
 def load_reader(meta: dict[str, Any], folder: Path | None, where: str = "encoder.json") -> Reader:

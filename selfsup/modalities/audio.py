@@ -26,9 +26,16 @@ from PIL import Image
 from torch import Tensor, nn
 
 from selfsup.config import RunConfig
-from selfsup.data.audio import AudioBatches, AudioSet, load_audio_source, normalise_wave
+from selfsup.data.audio import (AUDIO_BUILTINS, AUDIO_EXTENSIONS, AUDIO_FILES, MANIFEST_KINDS, MIN_SAMPLES,
+                                AudioBatches, AudioSet, AudioStreamBatches, DecodeClips, _Decoder, collate_clips,
+                                decode_clip_bytes, load_audio_source, normalise_wave)
+from selfsup.data.decode import _BadFilePolicy
+from selfsup.data.shards import (ShardIndex, ShardReader, ShardSplit, ShardSummary, StreamParts, is_shard_folder,
+                                 payload_member, read_rows, write_dataset, write_listed, write_shard_folder)
+from selfsup.data.sources import FileListing, list_file_source
 from selfsup.errors import SelfsupError
-from selfsup.modalities.base import Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs
+from selfsup.modalities.base import (Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs,
+                                     check_no_tokenizer)
 from selfsup.nn.knn import knn_accuracy
 from selfsup.train.runtime import Runtime
 
@@ -36,7 +43,7 @@ _CONTRACT_SAMPLES = 3200  # 0.2 s: 9 frames of 20 ms
 _EXAMPLE_SECONDS = 2.0  # of each example clip embedded in a report
 
 
-_MIN_SAMPLES = 400  # wav2vec 2.0's conv stack needs one receptive field (25 ms) for one frame
+_MIN_SAMPLES = MIN_SAMPLES  # wav2vec 2.0's conv stack needs one receptive field (25 ms) for one frame
 
 
 def pad_clips(clips: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -104,13 +111,12 @@ class AudioModality(Modality):
 
     def load(self, cfg: RunConfig, progress: bool = True) -> AudioSet:
         d = cfg.data
+        if is_shard_folder(d.source):  # written by `data shard`: both splits, read into memory
+            return self.load_shard_folder(cfg, progress)
         data = load_audio_source(d.source, sample_rate=d.sample_rate, max_file_seconds=d.max_file_seconds,
                                  on_bad=d.on_bad_file, max_bad_fraction=d.max_bad_fraction,
                                  label_column=d.label_column, group_columns=d.group_columns, progress=progress)
-        short = [data.ids[i] for i, wave in enumerate(data.waves) if len(wave) < _MIN_SAMPLES]
-        if short:  # shorter than one 20 ms frame's receptive field: no frame to train on
-            raise SelfsupError(f"{data.source}: {len(short)} clip(s) shorter than {_MIN_SAMPLES / 16000 * 1000:.0f} ms "
-                               f"at 16 kHz, e.g. {', '.join(short[:3])}; remove them from the source")
+        _refuse_short([data.ids[i] for i, wave in enumerate(data.waves) if len(wave) < _MIN_SAMPLES], data.source)
         return data
 
     def join(self, first: AudioSet, second: AudioSet) -> AudioSet:
@@ -119,19 +125,86 @@ class AudioModality(Modality):
         return AudioSet(waves=first.waves + second.waves, ids=first.ids + second.ids, labels=labels,
                         classes=first.classes, groups=groups, source=first.source, sample_rate=first.sample_rate)
 
-    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: AudioSet, holdout: AudioSet, spec: Any,
-                 progress: bool = True) -> Assembly:
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: AudioSet | ShardSplit, holdout: AudioSet,
+                 spec: Any, progress: bool = True) -> Assembly:
         d = cfg.data
         preprocess = {"modality": self.name, "sample_rate": d.sample_rate, "max_seconds": d.max_seconds,
                       "normalize": True}
-        batches = AudioBatches(train, int(d.max_seconds * d.sample_rate), runtime.device)
-        fit_data = FitData(train, normalise_wave, runtime.device)
+        max_samples = int(d.max_seconds * d.sample_rate)
+        if isinstance(train, ShardSplit):  # a shards folder, streamed
+            index = train.index
+            parts = StreamParts(index.shards("train"), ShardReader(index.counts(), d.on_bad_file),
+                                DecodeClips(d.sample_rate, d.max_file_seconds, d.on_bad_file, d.max_bad_fraction), sum,
+                                collate_clips, d.workers, d.shuffle_buffer)
+            batches: Any = AudioStreamBatches(parts, max_samples, runtime.device, index.classes is not None, len(train))
+            fit_items = (self._first(cfg, index, FIT_CLIPS, labelled=False)
+                         if getattr(spec.cls, "fits_targets", False) else None)
+
+            def bank() -> Any:  # the kNN bank: the first labelled training clips (their openings), read when needed
+                if index.classes is None or holdout.labels is None or len(holdout) == 0:
+                    return train  # no labels: no monitor
+                return self._first(cfg, index, cfg.train.knn_max_bank, labelled=True, keep_samples=max_samples)
+        else:
+            batches = AudioBatches(train, max_samples, runtime.device)
+            fit_items = train
+
+            def bank() -> Any:
+                return train
+        fit_data = None if fit_items is None else FitData(fit_items, normalise_wave, runtime.device)
         return Assembly(
             batches, {self.name: {}}, {self.name: preprocess}, dict(cfg.method),
-            lambda rt, encoder_of: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k,
+            lambda rt, encoder_of: knn_monitor(bank(), holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k,
                                                cfg.seed, encoder_of),
             fit_data=fit_data,
         )
+
+    # -- sharded sources ------------------------------------------------------------------------
+
+    def write_shards(self, cfg: RunConfig, out: Path, shard_items: int, overwrite: bool, progress: bool = True,
+                     tokenizer_kind: str | None = None) -> ShardSummary:
+        """Folders and manifests: every file checked (decoded at data.sample_rate) under the bad-file
+        rule, the kept files split as a run splits them and copied byte for byte; built-ins: loaded as a
+        run loads them (at data.sample_rate) and stored as 32-bit float WAV."""
+        check_no_tokenizer(tokenizer_kind, self.name)
+        d = cfg.data
+        listing = _audio_listing(cfg)
+
+        def write(writers: dict[str, Any], folder: Path) -> dict[str, Any]:
+            if listing is not None:
+                lengths: list[int] = []
+
+                def refuse_short(kept: list[int]) -> None:
+                    _refuse_short([listing.items[row][1] for row, n in zip(kept, lengths) if n < MIN_SAMPLES],
+                                  str(d.source))
+
+                fields = write_listed(writers, listing, _Decoder(d.sample_rate, float(d.max_file_seconds)),
+                                      _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), AUDIO_FILES,
+                                      d.holdout_fraction, cfg.seed, progress,
+                                      checked=lambda _, wave: lengths.append(len(wave)), after_check=refuse_short)
+            else:
+                data = self.load(cfg, progress)
+                fields = write_dataset(writers, data, lambda i: {"wav": wav_bytes(data.waves[i], data.sample_rate)},
+                                       d.holdout_fraction, cfg.seed, progress)
+            fields.pop("train_rows")
+            return {**fields, "seed": cfg.seed, "holdout_fraction": d.holdout_fraction, "label_column": d.label_column,
+                    "settings": {"sample_rate": d.sample_rate}}
+
+        return write_shard_folder(out, overwrite, self.name, shard_items, str(d.source), write)
+
+    def load_shards(self, cfg: RunConfig, index: ShardIndex, split: str, progress: bool = True) -> AudioSet:
+        return self._first(cfg, index, None, labelled=False, split=split, progress=progress)
+
+    def _first(self, cfg: RunConfig, index: ShardIndex, limit: int | None, labelled: bool, split: str = "train",
+               progress: bool = False, keep_samples: int | None = None) -> AudioSet:
+        """The first `limit` clips of a split of a shards folder (all with None; only labelled ones with
+        `labelled`), decoded as a run decodes them; `keep_samples`: only each clip's opening."""
+        d = cfg.data
+        rows = read_rows(index, split, payload_member(AUDIO_EXTENSIONS, "audio"),
+                         lambda data: torch.from_numpy(decode_clip_bytes(data, d.sample_rate, d.max_file_seconds)),
+                         _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), AUDIO_FILES, progress, limit, labelled)
+        waves = rows.values if keep_samples is None else [w[:keep_samples].clone() for w in rows.values]
+        return AudioSet(waves=waves, ids=rows.ids, labels=rows.labels, classes=rows.classes, groups=rows.groups,
+                        source=index.source, sample_rate=d.sample_rate)
 
     def reader(self, preprocess: dict[str, Any], folder: Path | None) -> AudioReader:
         return AudioReader(preprocess)
@@ -154,6 +227,42 @@ class AudioModality(Modality):
         data = AudioSet(waves=waves, ids=[f"c{i}" for i in range(8)], labels=None, classes=None, groups={},
                         source="contract")
         return FitData(data, normalise_wave, torch.device("cpu"))
+
+
+FIT_CLIPS = 2048  # a streamed run fits data-fitted targets (HuBERT's clusters) on this many first training clips
+
+
+def _refuse_short(short: list[str], source: str) -> None:
+    """Clips shorter than one 20 ms frame's receptive field leave no frame to train on: an error naming them."""
+    if short:
+        raise SelfsupError(f"{source}: {len(short)} clip(s) shorter than {_MIN_SAMPLES / 16000 * 1000:.0f} ms "
+                           f"at 16 kHz, e.g. {', '.join(short[:3])}; remove them from the source")
+
+
+def _audio_listing(cfg: RunConfig) -> FileListing | None:
+    """The files of a folder or manifest source, listed (not read); None for a built-in, which `load`
+    reads into memory as a run does."""
+    d = cfg.data
+    source = str(d.source)
+    if is_shard_folder(source):
+        raise SelfsupError(f"{source}: already a shards folder; train on it with data.source={source}")
+    path = Path(source).expanduser()
+    if source in AUDIO_BUILTINS:
+        return None
+    if path.is_dir():
+        return list_file_source(path, AUDIO_EXTENSIONS, "audio files")
+    if path.is_file() and path.suffix.lower() in MANIFEST_KINDS:
+        return list_file_source(path, AUDIO_EXTENSIONS, "audio files", d.label_column, d.group_columns)
+    return None
+
+
+def wav_bytes(wave: Tensor, rate: int) -> bytes:
+    """A clip float32 [T] as a 32-bit float WAV file's bytes (its samples kept exactly)."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave.numpy(), rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
 
 
 def knn_monitor(train: AudioSet, holdout: AudioSet, preprocess: dict[str, Any], runtime: Runtime, max_bank: int,

@@ -40,6 +40,7 @@ from selfsup.errors import SelfsupError
 
 if TYPE_CHECKING:
     from selfsup.config import RunConfig
+    from selfsup.data.shards import ShardIndex, ShardSummary
     from selfsup.methods import MethodSpec
     from selfsup.train.runtime import Runtime
 
@@ -195,6 +196,12 @@ class Reader(ABC):
         return dict(self.preprocess)
 
 
+def check_no_tokenizer(tokenizer_kind: str | None, modality: str) -> None:
+    """`data shard --tokenizer-kind` is for text; another modality given one is told so."""
+    if tokenizer_kind is not None:
+        raise SelfsupError(f"--tokenizer-kind is for text shards; {modality} shards hold no token ids (drop it)")
+
+
 class Modality(ABC):
     """One modality (module docstring). Subclasses set the class attributes and the methods."""
 
@@ -223,6 +230,31 @@ class Modality(ABC):
     @abstractmethod
     def reader(self, preprocess: dict[str, Any], folder: Path | None) -> Reader:
         """How an encoder with this `preprocess` (from the encoder.json in `folder`) reads the data."""
+
+    # -- sharded sources (`selfsup data shard`, data/shards.py) ---------------------------------
+
+    shard_items: ClassVar[int] = 1000  # default samples per shard written by `data shard`
+
+    def write_shards(self, cfg: "RunConfig", out: Path, shard_items: int, overwrite: bool, progress: bool = True,
+                     tokenizer_kind: str | None = None) -> "ShardSummary":
+        """Writes `cfg.data.source` as a shards folder `out`: both splits (`data.holdout_fraction`,
+        `seed`), labels, groups, and what a streamed run cannot compute from the whole training split."""
+        raise SelfsupError(f"`selfsup data shard` does not yet write {self.name} data; shard the image, text or "
+                           "audio sources, or train on this source as it is")
+
+    def load_shard_folder(self, cfg: "RunConfig", progress: bool = True) -> Any:
+        """Every row of the shards folder `cfg.data.source` in memory (its training rows, then its
+        held-out ones): what `load` gives for such a folder."""
+        from selfsup.data.shards import load_index
+
+        index = load_index(Path(str(cfg.data.source)))
+        return self.join(self.load_shards(cfg, index, "train", progress), self.load_shards(cfg, index, "holdout", progress))
+
+    def load_shards(self, cfg: "RunConfig", index: "ShardIndex", split: str, progress: bool = True) -> Any:
+        """One split of a shards folder held in memory as this modality's dataset (the held-out split of a
+        streamed run; both splits for probes, adapt and evaluate)."""
+        raise SelfsupError(f"{index.folder}: {self.name} cannot yet read a shards folder; point data.source at the "
+                           "original source")
 
     # -- contract tests ---------------------------------------------------------------------
 

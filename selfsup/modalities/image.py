@@ -22,11 +22,19 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from selfsup.config import RunConfig, from_dict
-from selfsup.data.images import ImageSet, load_image_source
-from selfsup.data.pipeline import ImageBatches, channel_stats
+from selfsup.data.builtins import BUILTIN
+from selfsup.data.decode import IMAGE_FILES, _BadFilePolicy, _decode, decode_image_bytes, pixel_limit_is_error
+from selfsup.data.images import IMAGE_EXTENSIONS, MANIFEST_KINDS, ImageSet, load_image_source
+from selfsup.data.pipeline import DecodeImages, ImageBatches, ImageStreamBatches, channel_stats, collate_images
+from selfsup.data.shards import (ShardIndex, ShardReader, ShardSplit, ShardSummary, StreamParts, channel_moments,
+                                 channel_statistics, is_shard_folder, payload_member, read_rows, write_dataset,
+                                 write_listed, write_shard_folder)
+from selfsup.data.sources import FileListing, list_file_source
 from selfsup.data.views import ImageViews, ViewsConfig, crop_flip_resize, normalise, sample_crop_boxes
 from selfsup.encoders import IMAGE_INPUTS
-from selfsup.modalities.base import Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs
+from selfsup.errors import SelfsupError
+from selfsup.modalities.base import (Assembly, EncoderBatch, FitData, Modality, Pairs, Reader, TaskInputs,
+                                     check_no_tokenizer)
 from selfsup.nn.colour import lightness_as_grey, rgb_to_lab
 from selfsup.nn.knn import knn_accuracy
 from selfsup.train.runtime import Runtime
@@ -99,6 +107,8 @@ class ImageModality(Modality):
 
     def load(self, cfg: RunConfig, progress: bool = True) -> ImageSet:
         d = cfg.data
+        if is_shard_folder(d.source):  # written by `data shard`: both splits, read into memory
+            return self.load_shard_folder(cfg, progress)
         return load_image_source(d.source, d.image_size, d.channels, on_bad=d.on_bad_file,
                                  max_bad_fraction=d.max_bad_fraction, label_column=d.label_column,
                                  group_columns=d.group_columns, progress=progress)
@@ -109,28 +119,110 @@ class ImageModality(Modality):
         return ImageSet(images=torch.cat([first.images, second.images]), ids=first.ids + second.ids, labels=labels,
                         classes=first.classes, groups=groups, source=first.source)
 
-    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: ImageSet, holdout: ImageSet, spec: Any,
-                 progress: bool = True) -> Assembly:
-        mean, std = channel_stats(train.images)
-        preprocess = {"modality": self.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-                      "mean": mean, "std": std}
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: ImageSet | ShardSplit, holdout: ImageSet,
+                 spec: Any, progress: bool = True) -> Assembly:
+        d = cfg.data
+        vc = from_dict(ViewsConfig, cfg.views, prefix="views.")
+        if isinstance(train, ShardSplit):  # a shards folder, streamed: what needs the whole split was kept at shard time
+            index = train.index
+            mean, std = _shard_stats(index, d.channels)
+            views = ImageViews(vc, d.image_size, mean, std)
+            parts = StreamParts(index.shards("train"), ShardReader(index.counts(), d.on_bad_file),
+                                DecodeImages(d.image_size, d.channels, d.on_bad_file, d.max_bad_fraction), sum,
+                                collate_images, d.workers, d.shuffle_buffer)
+            batches: Any = ImageStreamBatches(parts, views, runtime.device, index.classes is not None, len(train))
+            fit_items = (self._first(cfg, index, FIT_ITEMS, labelled=False).images
+                         if getattr(spec.cls, "fits_targets", False) else None)
+
+            def bank() -> Any:  # the kNN bank: the first labelled training images, read when the monitor is made
+                if index.classes is None or holdout.labels is None or len(holdout) == 0:
+                    return train  # no labels: no monitor
+                return self._first(cfg, index, cfg.train.knn_max_bank, labelled=True)
+        else:
+            mean, std = channel_stats(train.images)
+            views = ImageViews(vc, d.image_size, mean, std)
+            batches = ImageBatches(train, views, runtime.device)
+            fit_items = train.images
+
+            def bank() -> Any:
+                return train
+        preprocess = {"modality": self.name, "image_size": d.image_size, "channels": d.channels, "mean": mean, "std": std}
         if spec.input_transform is not None:
             preprocess["input_transform"] = spec.input_transform
-        views = ImageViews(from_dict(ViewsConfig, cfg.views, prefix="views."), cfg.data.image_size, mean, std)
-        fit_data = FitData(train.images, lambda x: normalise(x, mean, std, cfg.data.image_size), runtime.device)
+        fit_data = None if fit_items is None else FitData(fit_items, lambda x: normalise(x, mean, std, d.image_size),
+                                                          runtime.device)
 
         def after_training(method: nn.Module, rt: Runtime, folder: Path) -> None:
             if len(holdout):
                 save_previews(method, holdout, preprocess, rt, folder / PREVIEWS_FILE, cfg.seed)
 
         return Assembly(
-            ImageBatches(train, views, runtime.device),
-            {self.name: {"in_channels": cfg.data.channels, "image_size": cfg.data.image_size}},
+            batches,
+            {self.name: {"in_channels": d.channels, "image_size": d.image_size}},
             {self.name: preprocess}, dict(cfg.method),
-            lambda rt, encoder_of: knn_monitor(train, holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k,
+            lambda rt, encoder_of: knn_monitor(bank(), holdout, preprocess, rt, cfg.train.knn_max_bank, cfg.probe.knn_k,
                                                cfg.seed, encoder_of),
             fit_data=fit_data, after_training=after_training,
         )
+
+    # -- sharded sources ------------------------------------------------------------------------
+
+    def write_shards(self, cfg: RunConfig, out: Path, shard_items: int, overwrite: bool, progress: bool = True,
+                     tokenizer_kind: str | None = None) -> ShardSummary:
+        """Folders and manifests: every file checked (decoded at data.image_size) under the bad-file
+        rule, the kept files split as a run splits them and copied byte for byte; built-ins and .npz:
+        loaded as a run loads them (at data.image_size and data.channels) and stored as PNG. The
+        training split's channel statistics (both RGB and grey) go into the index."""
+        check_no_tokenizer(tokenizer_kind, self.name)
+        d = cfg.data
+        listing = _image_listing(cfg)
+
+        def write(writers: dict[str, Any], folder: Path) -> dict[str, Any]:
+            if listing is not None:
+                moments = np.zeros((len(listing.items), 13))  # per kept image: the sums its statistics are made of
+
+                def checked(kept: int, pixels: np.ndarray) -> None:
+                    moments[kept] = channel_moments(pixels[None])[0]
+
+                with pixel_limit_is_error():
+                    fields = write_listed(writers, listing, lambda path: _decode(path, d.image_size, 3),
+                                          _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES,
+                                          d.holdout_fraction, cfg.seed, progress, checked=checked)
+                train_rows = fields.pop("train_rows")
+                train_moments = moments[train_rows]
+            else:
+                data = self.load(cfg, progress)
+                fields = write_dataset(writers, data, lambda i: {"png": png_bytes(data.images[i])}, d.holdout_fraction,
+                                       cfg.seed, progress)
+                train_rows = fields.pop("train_rows")
+                train_moments = np.concatenate([np.zeros((0, 13))] + [
+                    channel_moments(data.images[train_rows[i : i + 1024]].numpy())
+                    for i in range(0, len(train_rows), 1024)])
+            if not train_rows:
+                raise SelfsupError(f"{d.source}: the training split is empty (data.holdout_fraction="
+                                   f"{d.holdout_fraction}); add images or hold out fewer")
+            stats = {"image_size": d.image_size, "images": len(train_rows), **channel_statistics(train_moments)}
+            return {**fields, "seed": cfg.seed, "holdout_fraction": d.holdout_fraction, "label_column": d.label_column,
+                    "settings": {"stats": stats}}
+
+        return write_shard_folder(out, overwrite, self.name, shard_items, str(d.source), write)
+
+    def load_shards(self, cfg: RunConfig, index: ShardIndex, split: str, progress: bool = True) -> ImageSet:
+        return self._first(cfg, index, None, labelled=False, split=split, progress=progress)
+
+    def _first(self, cfg: RunConfig, index: ShardIndex, limit: int | None, labelled: bool, split: str = "train",
+               progress: bool = False) -> ImageSet:
+        """The first `limit` images of a split of a shards folder (all with None; only labelled ones with
+        `labelled`), decoded as a run decodes them."""
+        d = cfg.data
+        with pixel_limit_is_error():
+            rows = read_rows(index, split, payload_member(IMAGE_EXTENSIONS, "image"),
+                             lambda data: decode_image_bytes(data, d.image_size, d.channels),
+                             _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES, progress, limit, labelled)
+        images = (torch.from_numpy(np.stack(rows.values)) if rows.values else
+                  torch.zeros((0, d.channels, d.image_size, d.image_size), dtype=torch.uint8))
+        return ImageSet(images=images, ids=rows.ids, labels=rows.labels, classes=rows.classes, groups=rows.groups,
+                        source=index.source)
 
     def reader(self, preprocess: dict[str, Any], folder: Path | None) -> ImageReader:
         return ImageReader(preprocess)
@@ -148,6 +240,47 @@ class ImageModality(Modality):
     def contract_fit_data(self) -> FitData:
         images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
         return FitData(images, lambda x: (x.float() / 255 - 0.5) / 0.25, torch.device("cpu"))
+
+
+FIT_ITEMS = 8192  # a streamed run fits data-fitted targets (BEiT, colourisation) on this many first training images
+
+
+def _shard_stats(index: ShardIndex, channels: int) -> tuple[list[float], list[float]]:
+    """The training split's channel mean and std kept in a shards folder's index, for `channels`."""
+    try:
+        stats = index.settings["stats"]["grey" if channels == 1 else "rgb"]
+        return [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
+    except (KeyError, TypeError) as err:
+        raise SelfsupError(f"{index.folder}: its index holds no channel statistics ({err}); write it again with "
+                           "`selfsup data shard`") from None
+
+
+def _image_listing(cfg: RunConfig) -> FileListing | None:
+    """The files of a folder or manifest source, listed (not read); None for a built-in or an .npz,
+    which `load` reads into memory as a run does."""
+    d = cfg.data
+    source = str(d.source)
+    if is_shard_folder(source):
+        raise SelfsupError(f"{source}: already a shards folder; train on it with data.source={source}")
+    if source in BUILTIN:
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return list_file_source(path, IMAGE_EXTENSIONS, "image files")
+    if path.is_file() and path.suffix.lower() in MANIFEST_KINDS:
+        return list_file_source(path, IMAGE_EXTENSIONS, "images", d.label_column, d.group_columns)
+    return None
+
+
+def png_bytes(image: Tensor) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) as a PNG file's bytes."""
+    import io
+
+    array = image.numpy()
+    picture = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def knn_monitor(train: ImageSet, holdout: ImageSet, preprocess: dict[str, Any], runtime: Runtime,

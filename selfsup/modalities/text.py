@@ -13,19 +13,30 @@
 
 from __future__ import annotations
 
+import array
+import io
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from selfsup.config import HF_TOWER_PREFIX, RunConfig
+from selfsup.data.builtins.prepared import ProgressBar
+from selfsup.data.decode import _BadFile, _BadFilePolicy, _FileKind
 from selfsup.data.packing import PackedBlocks, pack_documents
-from selfsup.data.pipeline import TextBatches
-from selfsup.data.text import TextSet, load_text_source
-from selfsup.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from selfsup.data.pipeline import (TOKEN_IDS, BlocksIn, PackDocuments, TextBatches, TextStreamBatches,
+                                   collate_blocks)
+from selfsup.data.shards import (ShardIndex, ShardReader, ShardSplit, ShardSummary, StreamParts, encode_meta,
+                                 is_shard_folder, payload_member, read_rows, write_shard_folder)
+from selfsup.data.sources import _sorted_classes
+from selfsup.data.split import holdout_mask
+from selfsup.data.text import TEXT_BUILTINS, TextRecord, TextSet, iter_text_source, load_text_source
+from selfsup.data.tokenizer import TextTokenizer, load_or_train_tokenizer, train_tokenizer
 from selfsup.encoders import TEXT_INPUTS
 from selfsup.errors import SelfsupError
 from selfsup.modalities.base import Assembly, EncoderBatch, Modality, Pairs, Reader, TaskInputs
@@ -141,6 +152,8 @@ class TextModality(Modality):
 
     def load(self, cfg: RunConfig, progress: bool = True) -> TextSet:
         d = cfg.data
+        if is_shard_folder(d.source):  # written by `data shard`: both splits, read into memory
+            return self.load_shard_folder(cfg, progress)
         return load_text_source(d.source, text_field=d.text_field, label_column=d.label_column,
                                 group_columns=d.group_columns, unit=d.text_unit, errors=d.text_errors,
                                 max_line_chars=d.max_line_chars)
@@ -150,30 +163,49 @@ class TextModality(Modality):
         labels = None if first.labels is None else torch.cat([first.labels, second.labels])
         return TextSet(first.texts + second.texts, first.ids + second.ids, labels, first.classes, groups, first.source)
 
-    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: TextSet, holdout: TextSet, spec: Any,
-                 progress: bool = True) -> Assembly:
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: TextSet | ShardSplit, holdout: TextSet,
+                 spec: Any, progress: bool = True) -> Assembly:
         d = cfg.data
         folder = hf_folder(cfg)
+        streamed = isinstance(train, ShardSplit)
         if folder is not None:  # continued from a Hugging Face model: its own tokenizer, never a new one
             tokenizer = folder_tokenizer(cfg, folder, out, runtime, spec.tokenizer)
+            if streamed:
+                _check_same_tokenizer(folder / TOKENIZER_FILE, train.index)
+        elif streamed:
+            tokenizer = shard_tokenizer(cfg, out, train.index, runtime, spec.tokenizer)
         else:
             tokenizer = run_tokenizer(cfg, out, train, runtime, spec.tokenizer)
         # Training blocks are all full (the tail is dropped, so no step pays for padding); held-out
         # blocks keep the tail, padded.
-        train_blocks = pack_split(train, tokenizer, d.seq_len, drop_last=True)
-        if train_blocks.num_blocks == 0:
+        batches: Any
+        if isinstance(train, ShardSplit):  # streamed: the workers pack the shards' token ids into blocks
+            index = train.index
+            bos, eos = tokenizer.packing_bounds
+            bounds = (bos is not None) + (eos is not None)
+            counts = [tokens + items * bounds for tokens, (_, items) in zip(index.shards_tokens("train"),
+                                                                              index.shards("train"))]
+            parts = StreamParts([(path, count) for (path, _), count in zip(index.shards("train"), counts)],
+                                ShardReader(index.counts(), d.on_bad_file),
+                                PackDocuments(d.seq_len, bos, eos, d.on_bad_file, d.max_bad_fraction),
+                                BlocksIn(d.seq_len), collate_blocks, d.workers, d.shuffle_buffer)
+            batches = TextStreamBatches(parts, runtime.device, d.document_masks, sum(counts) // d.seq_len)
+        else:
+            batches = TextBatches(pack_split(train, tokenizer, d.seq_len, drop_last=True), train.ids, runtime.device,
+                                  d.document_masks)
+        if batches.num_items == 0:
             raise SelfsupError(f"{train.source}: the training split holds fewer than data.seq_len={d.seq_len} tokens; "
                                "add documents or lower data.seq_len")
         holdout_blocks = pack_split(holdout, tokenizer, d.seq_len, drop_last=False)
-        log.info("text: %d training blocks of %d tokens (%d documents), %d held-out blocks; vocabulary %d",
-                 train_blocks.num_blocks, d.seq_len, len(train), holdout_blocks.num_blocks, tokenizer.vocab_size)
+        log.info("text: %d training blocks of %d tokens (%d documents%s), %d held-out blocks; vocabulary %d",
+                 batches.num_items, d.seq_len, len(train), ", streamed" if streamed else "", holdout_blocks.num_blocks,
+                 tokenizer.vocab_size)
         section = dict(cfg.method)
         filled = {"mask_id": tokenizer.mask_id, "special_ids": sorted(tokenizer.special_ids)}
         for key in spec.tokenizer_fields:
             section.setdefault(key, filled[key])
         preprocess = {"modality": self.name, "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
                       "seq_len": d.seq_len}
-        batches = TextBatches(train_blocks, train.ids, runtime.device, d.document_masks)
         heldout = TextBatches(holdout_blocks, holdout.ids, runtime.device, d.document_masks)
         micro_batch = max(1, cfg.train.batch_size // (cfg.train.accum_steps * runtime.world_size))
         return Assembly(
@@ -181,6 +213,68 @@ class TextModality(Modality):
             section, lambda rt, encoder_of: heldout_monitor(heldout, rt, cfg.train.eval_max_blocks, micro_batch, cfg.seed),
             tower_files={self.name: {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},
         )
+
+    # -- sharded sources ------------------------------------------------------------------------
+
+    shard_items = 4000  # documents per shard
+
+    def write_shards(self, cfg: RunConfig, out: Path, shard_items: int, overwrite: bool, progress: bool = True,
+                     tokenizer_kind: str | None = None) -> ShardSummary:
+        """Three streamed passes over the source, none holding the corpus: the documents' labels (one
+        small integer each) for the split, made as a run makes it (stratified, `split.holdout_mask`);
+        the tokenizer trained on the training documents (or `tokenizer.path` copied) and saved as
+        tokenizer.json; each document's text and token ids written to its split's shards, in source
+        order. A built-in corpus is loaded in memory as a run loads it."""
+        d = cfg.data
+        if is_shard_folder(d.source):
+            raise SelfsupError(f"{d.source}: already a shards folder; train on it with data.source={d.source}")
+        given = None
+        if cfg.tokenizer.path is not None:
+            given = TextTokenizer.load(Path(cfg.tokenizer.path))
+            if tokenizer_kind is not None and given.kind != tokenizer_kind:
+                raise SelfsupError(f"tokenizer.path={cfg.tokenizer.path} is a {given.kind} tokenizer, not "
+                                   f"--tokenizer-kind {tokenizer_kind}; drop one of them")
+        kind = given.kind if given is not None else (tokenizer_kind or DEFAULT_SHARD_TOKENIZER)
+        records, labels, classes, columns, num_documents = _text_split_labels(cfg)  # the first pass
+        class_index = {name: i for i, name in enumerate(classes or [])}
+        is_held = holdout_mask(labels, num_documents, d.holdout_fraction, cfg.seed).tolist()
+        log.info("text: %d documents, %d held out; %s", num_documents, is_held.count(True),
+                 "tokenizing them with " + str(cfg.tokenizer.path) if given is not None else
+                 "training the tokenizer on the others, then tokenizing them")
+
+        def write(writers: dict[str, Any], folder: Path) -> dict[str, Any]:
+            if given is not None:
+                tokenizer = given
+            else:
+                log.info("training a %s tokenizer (vocab %d)", kind, cfg.tokenizer.vocab_size)
+                tokenizer = train_tokenizer((r.text for r, held in zip(records(), is_held) if not held), kind,
+                                            cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+            tokenizer.save(folder / TOKENIZER_FILE)
+            dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+            bar = ProgressBar(progress, "writing shards", num_documents)
+            try:
+                for batch in _batched(zip(records(), is_held), 256):
+                    for (record, held), ids in zip(batch, tokenizer.encode_batch([r.text for r, _ in batch])):
+                        label = -1 if record.label is None else class_index[record.label]
+                        buffer = io.BytesIO()
+                        np.save(buffer, np.asarray(ids, dtype=dtype), allow_pickle=False)
+                        writers["holdout" if held else "train"].add(
+                            {"txt": record.text.encode("utf-8"), TOKEN_IDS: buffer.getvalue(),
+                             "json": encode_meta(record.id, label, record.groups)}, tokens=len(ids))
+                    bar.update(writers["train"].items + writers["holdout"].items)
+            finally:
+                bar.close()
+            return {"classes": classes, "group_columns": columns, "num_skipped": 0, "seed": cfg.seed,
+                    "holdout_fraction": d.holdout_fraction, "label_column": d.label_column,
+                    "settings": {"tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
+                                 "vocab_size": tokenizer.vocab_size, "ids_dtype": np.dtype(dtype).name}}
+
+        return write_shard_folder(out, overwrite, self.name, shard_items, str(d.source), write)
+
+    def load_shards(self, cfg: RunConfig, index: ShardIndex, split: str, progress: bool = True) -> TextSet:
+        rows = read_rows(index, split, payload_member(("txt",), "text"), _utf8,
+                         _BadFilePolicy(cfg.data.on_bad_file, cfg.data.max_bad_fraction), _DOCUMENTS, progress)
+        return TextSet(rows.values, rows.ids, rows.labels, rows.classes, rows.groups, index.source)
 
     def reader(self, preprocess: dict[str, Any], folder: Path | None) -> TextReader:
         if folder is None or "tokenizer" not in preprocess:
@@ -221,6 +315,99 @@ def run_tokenizer(cfg: RunConfig, out: Path, train: TextSet, runtime: Runtime, k
                                             cfg.tokenizer.min_frequency)
     runtime.barrier()
     return tokenizer if tokenizer is not None else TextTokenizer.load(path)
+
+
+DEFAULT_SHARD_TOKENIZER = "wordpiece"  # `data shard` on text without --tokenizer-kind: mlm's tokenizer
+_DOCUMENTS = _FileKind("documents", "no usable documents", "reading documents")
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _BadFile(f"not UTF-8 ({err})") from None
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _text_split_labels(cfg: RunConfig) -> tuple[Callable[[], Iterator[TextRecord]], torch.Tensor | None,
+                                                list[str] | None, list[str], int]:
+    """(records() restarting the source's stream, labels int64 [N] or None, classes, group columns, N) as
+    a run loading the source would number them (`text.texts_from_records`), read without holding a
+    document: one pass over the source, keeping one small integer per document."""
+    d = cfg.data
+    source = str(d.source)
+    if source in TEXT_BUILTINS:  # a built-in corpus: in memory, its labels exactly the run's
+        data = load_text_source(source)
+
+        def held_records() -> Iterator[TextRecord]:
+            for i, (text, id) in enumerate(zip(data.texts, data.ids)):
+                label = None if data.labels is None or int(data.labels[i]) < 0 else data.classes[int(data.labels[i])]
+                yield TextRecord(text, id, label, {c: data.groups[c][i] for c in data.groups})
+
+        return held_records, data.labels, data.classes, list(data.groups), len(data)
+
+    def records() -> Iterator[TextRecord]:
+        return iter_text_source(source, text_field=d.text_field, label_column=d.label_column,
+                                group_columns=d.group_columns, unit=d.text_unit, errors=d.text_errors,
+                                max_line_chars=d.max_line_chars)
+
+    codes = array.array("i")
+    names: dict[str, int] = {}
+    columns: dict[str, None] = {}
+    for record in records():
+        codes.append(-1 if record.label is None else names.setdefault(record.label, len(names)))
+        columns.update(dict.fromkeys(record.groups))
+    if not names:
+        return records, None, None, list(columns), len(codes)
+    classes = _sorted_classes(set(names))
+    to_class = torch.tensor([classes.index(name) for name in names] + [-1], dtype=torch.long)  # code -1 -> -1
+    labels = to_class[torch.tensor(np.frombuffer(codes, dtype=np.int32).astype(np.int64))]
+    return records, labels, classes, list(columns), len(codes)
+
+
+def shard_tokenizer(cfg: RunConfig, out: Path, index: ShardIndex, runtime: Runtime, kind: str | None) -> TextTokenizer:
+    """A streamed run's tokenizer: the one the shards' token ids were made with (DIR/tokenizer.json),
+    saved as the run's tokenizer.json (a resume reuses the run's copy). `tokenizer.path` cannot apply."""
+    if cfg.tokenizer.path is not None:
+        raise SelfsupError(f"tokenizer.path={cfg.tokenizer.path}: {index.folder} holds token ids made with its own "
+                           f"tokenizer ({index.folder / TOKENIZER_FILE}); drop tokenizer.path, or shard the source "
+                           "again with `selfsup data shard ... tokenizer.path=FILE`")
+    path = out / TOKENIZER_FILE
+    tokenizer = TextTokenizer.load(path if path.exists() else index.folder / TOKENIZER_FILE)
+    if kind is not None and tokenizer.kind != kind:
+        raise SelfsupError(f"{index.folder}: its token ids were made with a {tokenizer.kind} tokenizer, but method "
+                           f"`{cfg.method['name']}` reads {kind}; shard the source again with "
+                           f"`selfsup data shard ... --tokenizer-kind {kind}`")
+    if runtime.is_main and not path.exists():
+        tokenizer.save(path)
+    runtime.barrier()
+    return tokenizer
+
+
+def _check_same_tokenizer(folder_file: Path, index: ShardIndex) -> None:
+    """A run continued from a Hugging Face folder reads with the folder's tokenizer: shards made with
+    another vocabulary cannot feed it."""
+    import json
+
+    def model(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["model"]
+        except (OSError, ValueError, KeyError) as err:
+            raise SelfsupError(f"{path}: cannot read the tokenizer ({err})") from None
+
+    if model(folder_file) != model(index.folder / TOKENIZER_FILE):
+        raise SelfsupError(f"{index.folder}: its token ids were made with another tokenizer than {folder_file}, which "
+                           f"this run reads with; shard the source again with tokenizer.path={folder_file}")
 
 
 def hf_folder(cfg: RunConfig) -> Path | None:

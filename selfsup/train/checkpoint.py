@@ -7,6 +7,11 @@ A checkpoint is a directory `checkpoints/step-N/` holding
 - `manifest.json`      `{"format": 1, "step": N, "files": {name: {"sha256": hex, "bytes": size}}}` for
                        exactly the three files above, written last.
 
+Under `train.parallel=fsdp` a checkpoint is of format 2 (`train/sharded.py`): `state.pt`, the files of
+`torch.distributed.checkpoint` (`.metadata` and each rank's `__R_0.distcp`) and the manifest listing
+them all. `verify`, `latest_valid` and `prune` know both formats; each loader reads its own and calls
+the other format a changed config.
+
 It is written into a hidden temporary directory, every file fsynced, the manifest last, then renamed
 into place: a crash leaves either the previous checkpoints or a complete new one, and a failed write
 (a full disk) removes the temporary and says which earlier checkpoint is still there. Files and
@@ -43,7 +48,11 @@ log = logging.getLogger("selfsup")
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-FILES = ("model.safetensors", "optimizer.pt", "state.pt")  # what every checkpoint of FORMAT holds
+SHARDED_FORMAT = 2  # train.parallel=fsdp: torch.distributed.checkpoint's files (train/sharded.py)
+STATE_FILE = "state.pt"
+FILES = ("model.safetensors", "optimizer.pt", STATE_FILE)  # what every checkpoint of FORMAT holds
+SHARDED_FILES = (".metadata", STATE_FILE)  # ... of SHARDED_FORMAT, besides each rank's __R_I.distcp
+_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -52,7 +61,7 @@ class UnusableCheckpoint(SelfsupError):
     """A checkpoint that is unfinished, corrupt or does not load: a resume passes over it to the previous one."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -60,7 +69,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _torch_save(obj: Any, path: Path) -> None:
+def torch_save(obj: Any, path: Path) -> None:
     # Through a Python file object, so that a full disk surfaces as the OSError(ENOSPC) of f.write;
     # torch.save(path) reports only "unexpected pos ..." from its C++ writer. Closing the archive
     # after a failed write raises that RuntimeError on top: report the OSError underneath instead.
@@ -76,21 +85,29 @@ def _torch_save(obj: Any, path: Path) -> None:
         raise cause from None
 
 
+_torch_save = torch_save  # the name tests/train/test_checkpoint.py knows
+
+
 def _write_files(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any]) -> None:
     save_model(model, str(tmp / "model.safetensors"))
-    _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _torch_save({**state, "step": step, "format": FORMAT}, tmp / "state.pt")
+    torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch_save({**state, "step": step, "format": FORMAT}, tmp / "state.pt")
     files = {}
     for name in FILES:
         # safetensors writes through a private temporary file (mode 0600): give it the umask's mode.
         follow_umask(tmp / name)
         fsync_path(tmp / name)
-        files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    manifest = tmp / MANIFEST
-    manifest.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    write_manifest(tmp, step, FORMAT, files)
+
+
+def write_manifest(folder: Path, step: int, format: int, files: dict[str, dict[str, Any]]) -> None:
+    """The manifest, written last and fsynced with its folder: from now on the folder is a checkpoint."""
+    manifest = folder / MANIFEST
+    manifest.write_text(json.dumps({"format": format, "step": step, "files": files}, indent=1))
     fsync_path(manifest)
-    fsync_path(tmp)
+    fsync_path(folder)
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -139,9 +156,10 @@ def verify(path: Path) -> dict[str, Any]:
         raise UnusableCheckpoint(f"{manifest_path}: unreadable manifest ({err})") from None
     if not isinstance(manifest, dict):
         raise UnusableCheckpoint(f"{manifest_path}: unreadable manifest (not a JSON object)")
-    if manifest.get("format") != FORMAT:
-        raise UnusableCheckpoint(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r} "
-                                 f"(this version of selfsup reads format {FORMAT})")
+    form = manifest.get("format")
+    if form not in (FORMAT, SHARDED_FORMAT) or isinstance(form, bool):
+        raise UnusableCheckpoint(f"{manifest_path}: unknown checkpoint format {form!r} "
+                                 f"(this version of selfsup reads formats {FORMAT} and {SHARDED_FORMAT})")
     step = manifest.get("step")
     if not _is_count(step):
         raise UnusableCheckpoint(f"{manifest_path}: no valid step (found {step!r})")
@@ -151,25 +169,29 @@ def verify(path: Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise UnusableCheckpoint(f"{manifest_path}: no \"files\" table")
-    missing = [name for name in FILES if name not in files]
+    sharded = form == SHARDED_FORMAT
+    required = SHARDED_FILES if sharded else FILES
+    missing = [name for name in required if name not in files]
+    if sharded and not any(_SHARD_FILE.match(name) for name in files):
+        missing.append("__0_0.distcp")
     if missing:
-        raise UnusableCheckpoint(f"{manifest_path}: does not list {', '.join(missing)} "
-                                 f"(every checkpoint has {', '.join(FILES)})")
-    unknown = sorted(set(files) - set(FILES))
+        shards = ", and its ranks' __R_I.distcp" if sharded else ""
+        raise UnusableCheckpoint(f"{manifest_path}: does not list {', '.join(missing)} (every checkpoint of format "
+                                 f"{form} has {', '.join(required)}{shards})")
+    unknown = sorted(name for name in files if name not in required and not (sharded and _SHARD_FILE.match(name)))
     if unknown:
-        raise UnusableCheckpoint(f"{manifest_path}: lists files a checkpoint does not have: "
-                                 f"{', '.join(map(str, unknown))}")
-    for name in FILES:
+        raise UnusableCheckpoint(f"{manifest_path}: lists files a checkpoint does not have: {', '.join(unknown)}")
+    for name in files:
         entry = files[name]
         if not isinstance(entry, dict) or not _is_count(entry.get("bytes")):
             raise UnusableCheckpoint(f"{manifest_path}: the entry of {name} has no integer \"bytes\"")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
             raise UnusableCheckpoint(f"{manifest_path}: the entry of {name} has no 64-hex-digit \"sha256\"")
-    for name in FILES:
+    for name in files:
         file, entry = path / name, files[name]
         if not file.is_file():
             raise UnusableCheckpoint(f"{file}: listed in the manifest but missing")
-        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise UnusableCheckpoint(f"{file}: size or sha256 differs from the manifest (truncated or corrupted)")
     return manifest
 
@@ -225,7 +247,7 @@ def prune(root: Path, keep_last: int, newest: int | None = None) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _load_error(file: Path, err: BaseException) -> UnusableCheckpoint:
+def load_error(file: Path, err: BaseException) -> UnusableCheckpoint:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, pickle.UnpicklingError):
         # torch's message opens with how to load the file anyway (weights_only=False): never advise
@@ -244,14 +266,14 @@ def _read(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor]
     try:
         weights = load_file(str(weights_file), device="cpu")
     except Exception as err:  # SafetensorError, OSError, ...: whatever the cause, this file does not load
-        raise _load_error(weights_file, err) from None
+        raise load_error(weights_file, err) from None
     loaded = {}
     for name in ("optimizer.pt", "state.pt"):
         try:
             loaded[name] = torch.load(path / name, weights_only=True, map_location="cpu")
         # UnpicklingError for anything but tensors and numbers, RuntimeError for a bad archive, ...
         except Exception as err:
-            raise _load_error(path / name, err) from None
+            raise load_error(path / name, err) from None
     optim_state, state = loaded["optimizer.pt"], loaded["state.pt"]
     if not isinstance(state, dict) or state.get("step") != manifest["step"]:
         raise UnusableCheckpoint(f"{path / 'state.pt'}: does not hold the step of its manifest ({manifest['step']})")
@@ -321,7 +343,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     that fails leaves both as they were. UnusableCheckpoint (naming the file) when the checkpoint is
     unfinished, corrupt or does not load; plain SelfsupError when its weights do not fit the model.
     """
-    weights, optim_state, state = _read(path, verify(path))
+    manifest = verify(path)
+    if manifest["format"] == SHARDED_FORMAT:
+        raise SelfsupError(f"{path}: written by `train.parallel=fsdp` (sharded); this run has `train.parallel=ddp`. "
+                           f"Resume it with the parallelism it was written with")
+    weights, optim_state, state = _read(path, manifest)
     weights_file = path / "model.safetensors"
     _check_weights(weights_file, model, weights)
     if optimizer is not None:
@@ -331,7 +357,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             # model untouched too.
             optimizer.load_state_dict(optim_state)
         except Exception as err:  # ValueError/KeyError for a state of another optimizer
-            raise _load_error(path / "optimizer.pt", err) from None
+            raise load_error(path / "optimizer.pt", err) from None
     try:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # checked above; a dtype that cannot be cast is all that is left

@@ -8,7 +8,9 @@ moves, clip, step, and let the method update its EMA/centre state.
 Reproducibility: the randomness of step t on rank r (views, masks, dropout) comes from a generator
 seeded with (seed, rank, t), and the data order is a pure function of (seed, epoch). A checkpoint's
 step and data position therefore pin every random draw that follows, and a resumed run repeats an
-uninterrupted one bit for bit (tested with `torch.equal`).
+uninterrupted one bit for bit (tested with `torch.equal`). A shard source (`batches.stream_parts`) is
+read instead as each rank's stream of micro-batches (data/stream.py): the same number of steps per
+epoch on every rank, and every rank's stream position gathered into the checkpoint.
 
 Host reads. On the CPU every step's logged values are read at once (a read costs nothing there)
 and a non-finite loss or gradient stops the run before the optimizer moves. On CUDA reading a value
@@ -43,11 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from selfsup.config import TrainConfig
 from selfsup.data.sampler import BatchOrder, shard
+from selfsup.data.stream import ShardStream, StreamSource, stream_from_parts
 from selfsup.errors import NonFiniteError, SelfsupError
 from selfsup.nn.diagnostics import collapse_warning
 from selfsup.nn.distributed import sync_batchnorm
 from selfsup.nn.gemm import choose_cpu_gemm, route_linears
-from selfsup.train import checkpoint
+from selfsup.train import checkpoint, sharded
 from selfsup.train.optim import build_optimizer, lr_at
 from selfsup.train.progress import MetricsLog, Progress, TensorBoard, format_duration
 from selfsup.train.runtime import Runtime
@@ -93,8 +96,8 @@ class _Done:
 class _Stepper:
     """Runs optimizer steps of one method: the body the loop and the budget calibration share."""
 
-    def __init__(self, model: nn.Module, method: nn.Module, batches: Batches, cfg: TrainConfig, runtime: Runtime,
-                 seed: int, order: BatchOrder, defer: bool):
+    def __init__(self, model: nn.Module, method: nn.Module, batches: Batches | StreamSource, cfg: TrainConfig,
+                 runtime: Runtime, seed: int, order: BatchOrder | ShardStream, defer: bool):
         self.model, self.method, self.batches, self.cfg, self.runtime = model, method, batches, cfg, runtime
         self.seed, self.order, self.defer = seed, order, defer
         # fused: its kernel takes the device-side `found_inf` flag that the deferred guard needs
@@ -110,15 +113,19 @@ class _Stepper:
             group["lr"] = lr
         generator = step_generator(device, self.seed, rank, step)
         torch.manual_seed(generator.initial_seed())  # stray global-RNG users (dropout) stay reproducible too
-        global_indices = self.order.next()
+        stream = self.order if isinstance(self.order, ShardStream) else None  # a shard source: this rank's stream
+        global_indices = self.order.next() if stream is None else None
 
         sums: dict[str, Tensor] = {}
         bad = torch.zeros((), device=device)  # micro-batches with a non-finite loss
         bad_ids: list[Any] = []
         num_tokens = 0  # text batches: real tokens this step on this rank
         for micro in range(cfg.accum_steps):
-            indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
-            batch = self.batches(indices, generator)
+            if stream is None:
+                indices = shard(shard(global_indices, micro, cfg.accum_steps), rank, world_size)
+                batch, rows = self.batches(indices, generator), indices.tolist()
+            else:  # the rank's next micro-batch, collated by a reader (data/stream.py)
+                batch, rows = self.batches(stream.next(), generator), []
             num_tokens += batch.get("num_tokens", 0)
             batch["diagnose"] = bool(cfg.diagnostics_every) and (step == 1 or step % cfg.diagnostics_every == 0)
             sync = micro == cfg.accum_steps - 1 or world_size == 1
@@ -127,14 +134,16 @@ class _Stepper:
             loss = out["loss"]
             if self.defer:
                 bad = bad + (~torch.isfinite(loss.detach())).float()
-                bad_ids.extend(batch.get("id", indices.tolist()))
+                bad_ids.extend(batch.get("id", rows))
             elif not torch.isfinite(loss):
-                bad_ids.extend(batch.get("id", indices.tolist()))
+                bad_ids.extend(batch.get("id", rows))
             (loss / cfg.accum_steps).backward()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.accum_steps
 
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # FSDP: a DTensor, the norm over every rank's shards (replicated); clipping takes it as it is
+        grad_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
         if not self.defer:
             bad = torch.tensor(float(len(bad_ids) > 0), device=device)
         # One collective per step carries the logged values, the finite check and the stop flag.
@@ -158,7 +167,7 @@ class _Stepper:
                 f"or check these inputs."
             )
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, total_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         after = getattr(self.method, "after_optimizer_step", None)
@@ -188,7 +197,8 @@ def _raise_skipped(done: _Done, rank: int, now: int) -> None:
     )
 
 
-def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *, seed: int,
+def fit(method: nn.Module, batches: Batches | StreamSource, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *,
+        seed: int,
         resume: bool = False, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
         stop_after: int | None = None, stop: StopSignal | None = None,
         defer_reads: bool | None = None) -> FitResult:
@@ -199,6 +209,8 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
     died there (tests use it to simulate a crash). `stop` is the caller's signal record (pretrain
     covers start-up and export too); without one the loop installs its own for the loop's duration.
     `defer_reads` (default: on CUDA only) reads logged values once per logging interval (module doc).
+    A shard source (`batches.stream_parts`) is read as this rank's ShardStream (data/stream.py) instead
+    of the seeded batch order; its workers are shut down when the call ends, however it ends.
     """
     device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
     _check_split(cfg, world_size)
@@ -206,8 +218,8 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
     method.to(device)
     if cfg.sync_batchnorm:
         method = sync_batchnorm(method, device)  # in place (the root is never a BatchNorm)
-    model: nn.Module = DistributedDataParallel(method) if world_size > 1 else method
-    order = BatchOrder(batches.num_items, cfg.batch_size, seed)
+    model = _wrap(method, cfg, runtime)
+    order = _data_order(batches, cfg, runtime, seed)
     stepper = _Stepper(model, method, batches, cfg, runtime, seed, order, defer)
     optimizer = stepper.optimizer
     ckpt_root = run_dir / "checkpoints"
@@ -215,15 +227,16 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
     start = 0
     saved: dict[str, Any] = {}
     if resume:
-        resumed = checkpoint.resume_latest(ckpt_root, method, optimizer)  # logs why when it is None
+        resumed = (sharded.resume_latest(ckpt_root, method, optimizer, runtime) if cfg.parallel == "fsdp"
+                   else checkpoint.resume_latest(ckpt_root, method, optimizer))  # logs why when it is None
         if resumed is not None:
             path, saved = resumed
-            order.load_state_dict(saved["data_order"])
+            _restore_position(order, saved, runtime)
             start = int(saved["step"])
             log.info("resumed from %s (step %d)", path, start)
     # Where fp32 CPU products run (nn/gemm.py): chosen once, then kept in the checkpoints, so a resume
     # computes with the same library as the run it continues (bit-identical).
-    gemm = saved.get("cpu_gemm") or _choose_gemm(cfg, runtime)
+    gemm = _choose_gemm(cfg, runtime, saved.get("cpu_gemm"))
     route_linears(method, gemm)
 
     if runtime.is_main:
@@ -236,9 +249,12 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
 
     def save(step: int) -> Path | None:
         path = None
+        position = _position(order, runtime)  # every rank: a stream's positions are gathered
+        state = {**position, "seed": seed, "cpu_gemm": gemm}
+        if cfg.parallel == "fsdp":  # every rank writes its shards
+            return sharded.save_checkpoint(ckpt_root, step, method, optimizer, state, cfg.keep_last, runtime)
         if runtime.is_main:
-            path = checkpoint.save_checkpoint(ckpt_root, step, method, optimizer,
-                                              {"data_order": order.state_dict(), "seed": seed, "cpu_gemm": gemm}, cfg.keep_last)
+            path = checkpoint.save_checkpoint(ckpt_root, step, method, optimizer, state, cfg.keep_last)
         runtime.barrier()
         return path
 
@@ -269,8 +285,11 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                            "lr": done.lr, "grad_norm": vals[nk + 2], "samples_per_s": cfg.batch_size / seconds}
                     if done.num_tokens:  # this rank's tokens; ranks see equal shares of full blocks
                         row["tokens_per_s"] = done.num_tokens * world_size / seconds
-                    if done is pending[-1] and evaluate and runtime.is_main:
-                        row.update(_run_monitor(monitor, method))
+                    if done is pending[-1] and evaluate:
+                        evaluated = sharded.whole(method, runtime)  # rank 0's; under FSDP gathered from every rank
+                        if evaluated is not None:
+                            row.update(_run_monitor(monitor, evaluated))
+                        del evaluated
                     if metrics is not None:
                         metrics.write(row)
                     if board is not None:
@@ -289,12 +308,66 @@ def fit(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, ru
                     break
                 tic = time.perf_counter()
     finally:
+        _close(order)
         progress.close()
         if metrics is not None:
             metrics.close()
         if board is not None:
             board.close()
     return FitResult(steps=int(row.get("step", start)), last_row=row, checkpoint=last_ckpt)
+
+
+def _data_order(batches: Batches | StreamSource, cfg: TrainConfig, runtime: Runtime, seed: int,
+                announce: bool = True) -> BatchOrder | ShardStream:
+    """Where the steps' data come from: the seeded batch order over an in-memory source, or this rank's
+    stream over a shard source (one with `stream_parts`; micro-batches of batch / (accum x ranks))."""
+    parts = getattr(batches, "stream_parts", None)
+    if parts is None:
+        return BatchOrder(batches.num_items, cfg.batch_size, seed)
+    stream = stream_from_parts(parts, seed=seed, rank=runtime.rank, world_size=runtime.world_size,
+                               micro_batch=cfg.batch_size // (cfg.accum_steps * runtime.world_size),
+                               accum_steps=cfg.accum_steps, pin_memory=runtime.device.type == "cuda")
+    if announce and runtime.is_main:
+        log.info("streaming %d shards: %d reader(s) per rank, %d steps in the first epoch",
+                 len(stream.plan.paths), stream.plan.readers, stream.steps_per_epoch)
+    return stream
+
+
+def _position(order: BatchOrder | ShardStream, runtime: Runtime) -> dict[str, Any]:
+    """The data position a checkpoint keeps: the batch order's, or every rank's stream position (a
+    stream's position differs per rank, so it is gathered: call on every rank)."""
+    if isinstance(order, BatchOrder):
+        return {"data_order": order.state_dict()}
+    states: list[Any] = [order.state_dict()]
+    if runtime.world_size > 1:
+        states = [None] * runtime.world_size
+        dist.all_gather_object(states, order.state_dict())
+    return {"data_order": {}, "data_stream": states}
+
+
+def _restore_position(order: BatchOrder | ShardStream, saved: dict[str, Any], runtime: Runtime) -> None:
+    streams = saved.get("data_stream")
+    if isinstance(order, BatchOrder):
+        if streams is not None:
+            raise SelfsupError("cannot resume: the checkpoint was written by a run that streamed a folder of shards, "
+                               "and this run reads its data in memory: resume with that run's `data.source`, or "
+                               "start a new run")
+        order.load_state_dict(saved["data_order"])
+        return
+    if streams is None:
+        raise SelfsupError("cannot resume: the checkpoint was written by a run that read its data in memory, and "
+                           "this run streams a folder of shards: resume with that run's `data.source`, or start a "
+                           "new run")
+    if len(streams) != runtime.world_size:
+        raise SelfsupError(f"cannot resume: the checkpoint's stream was read by {len(streams)} ranks, this run has "
+                           f"{runtime.world_size}: resume with as many ranks (torchrun --nproc_per_node), or start "
+                           f"a new run")
+    order.load_state_dict(streams[runtime.rank])
+
+
+def _close(order: BatchOrder | ShardStream) -> None:
+    if isinstance(order, ShardStream):
+        order.close()  # its reader processes
 
 
 class _Estimate:
@@ -331,9 +404,25 @@ class _Estimate:
                      "encoder.width=16`, `vit_tiny`), `train.batch_size`, `data.image_size` or `data.seq_len`")
 
 
-def _choose_gemm(cfg: TrainConfig, runtime: Runtime) -> str:
-    """`train.cpu_gemm` resolved on rank 0 (measured there for "auto") and shared, so every rank
-    computes with the same library."""
+def _wrap(method: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module | sharded.ShardedModel:
+    """What the steps call: the method sharded by FSDP2 (`train.parallel=fsdp`, train/sharded.py), in
+    DDP under torchrun, or itself."""
+    if cfg.parallel == "fsdp":
+        return sharded.shard(method, runtime)
+    return DistributedDataParallel(method) if runtime.world_size > 1 else method
+
+
+def _choose_gemm(cfg: TrainConfig, runtime: Runtime, saved: str | None = None) -> str:
+    """`train.cpu_gemm` resolved on rank 0 (for "auto": by the CPU's vendor) and shared, so every rank
+    computes with the same library; `saved`, a checkpoint's choice, when there is one. Sharded over
+    ranks, always torch's: FSDP2 frees a layer's gathered weights by resizing their storage, which
+    the numpy view OpenBLAS computes through forbids."""
+    if cfg.parallel == "fsdp" and runtime.world_size > 1:
+        if cfg.cpu_gemm == "openblas" and runtime.device.type == "cpu":
+            log.info("train.cpu_gemm=openblas: not under train.parallel=fsdp on several ranks; using torch's GEMM")
+        return "torch"
+    if saved:
+        return saved
     backend = choose_cpu_gemm(cfg.cpu_gemm, runtime.device, runtime.autocast_dtype is not None)
     if runtime.world_size > 1:
         flag = torch.tensor([1 if backend == "openblas" else 0], device=runtime.device)
@@ -368,15 +457,17 @@ class Budget:
                 f"{evals} + {self.seconds_per_checkpoint:.1f} s per checkpoint -> train.steps={self.steps}")
 
 
-def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_dir: Path, runtime: Runtime, *,
+def steps_for_budget(method: nn.Module, batches: Batches | StreamSource, cfg: TrainConfig, run_dir: Path,
+                     runtime: Runtime, *,
                      seed: int, monitor: Callable[[nn.Module], dict[str, float]] | None = None,
                      warmup: int = 2, min_timed: int = 5, max_timed: int = 20) -> Budget:
     """The number of optimizer steps that fit `cfg.minutes` of training (steps, evaluations, checkpoints).
 
     Runs `warmup` untimed and then at least `min_timed` timed steps (more while they take under 1 %
     of the budget, at most `max_timed`) of a deep copy of `method` with its own optimizer and batch
-    order, one evaluation and one checkpoint of the copy (written to a scratch folder in `run_dir`
-    and removed); `method` itself is not touched. Every rank measures; the slowest rank's times
+    order (a shard source: its own stream from the start, workers included), one evaluation and one
+    checkpoint of the copy (written to a scratch folder in `run_dir` and removed); `method` itself is
+    not touched. Every rank measures; the slowest rank's times
     decide, so all ranks return the same count. The time spent measuring counts against the budget.
     """
     assert cfg.minutes is not None
@@ -393,27 +484,42 @@ def steps_for_budget(method: nn.Module, batches: Batches, cfg: TrainConfig, run_
     route_linears(probe, _choose_gemm(cfg, runtime))  # timed as `fit` will run it
     if cfg.sync_batchnorm:
         probe = sync_batchnorm(probe, device)
-    model: nn.Module = DistributedDataParallel(probe) if world_size > 1 else probe
-    stepper = _Stepper(model, probe, batches, cfg, runtime, seed, BatchOrder(batches.num_items, cfg.batch_size, seed),
-                       defer=False)
+    model = _wrap(probe, cfg, runtime)
+    order = _data_order(batches, cfg, runtime, seed, announce=False)
+    stepper = _Stepper(model, probe, batches, cfg, runtime, seed, order, defer=False)
     step_times: list[float] = []
-    for step in range(1, warmup + max_timed + 1):
-        tic = time.perf_counter()
-        stepper(step)
-        sync()
-        if step > warmup:
-            step_times.append(time.perf_counter() - tic)
-            if len(step_times) >= min_timed and sum(step_times) >= 0.01 * budget_s:
-                break
+    try:
+        for step in range(1, warmup + max_timed + 1):
+            tic = time.perf_counter()
+            stepper(step)
+            sync()
+            if step > warmup:
+                step_times.append(time.perf_counter() - tic)
+                if len(step_times) >= min_timed and sum(step_times) >= 0.01 * budget_s:
+                    break
+    finally:
+        _close(order)
     seconds_per_step = _median(step_times)
 
     seconds_per_eval = 0.0
-    if monitor is not None and runtime.is_main:
+    if monitor is not None:
         tic = time.perf_counter()
-        _run_monitor(monitor, probe)
+        evaluated = sharded.whole(probe, runtime)  # rank 0's; under FSDP gathered from every rank (timed too)
+        if evaluated is not None:
+            _run_monitor(monitor, evaluated)
         seconds_per_eval = time.perf_counter() - tic
+        del evaluated
     seconds_per_checkpoint = 0.0
-    if runtime.is_main:
+    if cfg.parallel == "fsdp":  # every rank writes its shards
+        scratch = run_dir / ".budget-checkpoint"
+        tic = time.perf_counter()
+        try:
+            sharded.save_checkpoint(scratch, 1, probe, stepper.optimizer, {"data_order": {}, "seed": seed}, 1, runtime)
+        finally:
+            seconds_per_checkpoint = time.perf_counter() - tic
+            if runtime.is_main:
+                shutil.rmtree(scratch, ignore_errors=True)
+    elif runtime.is_main:
         scratch = run_dir / ".budget-checkpoint"
         tic = time.perf_counter()
         try:
