@@ -27,6 +27,19 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: int = 3600) -> dict[s
     return json.loads(lines[-1])
 
 
+def gemm_record(method: Any, device: str) -> dict[str, Any]:
+    """Where selfsup's fp32 Linear products ran (`train.cpu_gemm`, selfsup/nn/gemm.py) and, on the CPU,
+    this machine's time for one Linear step's three products on MKL and on OpenBLAS."""
+    from selfsup.nn.gemm import BlasLinear, measure_gemm
+
+    record: dict[str, Any] = {"cpu_gemm": "openblas" if any(type(m) is BlasLinear for m in method.modules())
+                              else "torch"}
+    if device == "cpu":
+        mkl_s, blas_s = measure_gemm()
+        record["gemm_probe_ms"] = {"mkl": round(mkl_s * 1e3, 1), "openblas": round(blas_s * 1e3, 1)}
+    return record
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

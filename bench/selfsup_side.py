@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, peak_rss_mb  # noqa: E402
+from _common import gemm_record, median, peak_rss_mb  # noqa: E402
 
 
 def view_overrides(method: str, n_local: int, local_size: int) -> dict:
@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> dict:
     from _common import encoder_features
     from selfsup.config import TrainConfig, from_dict
     from selfsup.data.pipeline import ImageBatches, channel_stats
-    from selfsup.nn.gemm import current_backend
     from selfsup.data.views import ImageViews, ViewsConfig
     from selfsup.encoders import build_encoder
     from selfsup.methods import METHODS, build_method
@@ -160,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         "step_s": [round(args.batch / s, 3) for s in speeds], "final_loss": rows[-1]["loss"],
         "threads": args.threads, "batch": args.batch,
         "views": views_cfg.num_views + getattr(views_cfg, "num_local", 0), "device": args.device,
-        "cpu_gemm": current_backend(),  # where fp32 Linear products ran (selfsup/nn/gemm.py; conv layers: oneDNN)
+        **gemm_record(method, args.device),  # where fp32 Linear products ran (selfsup/nn/gemm.py; conv layers: oneDNN)
     }
     if cuda:
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -193,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-local", type=int, default=2, help="DINO local crops per image")
     parser.add_argument("--local-size", type=int, default=16, help="DINO local crop side, px")
     parser.add_argument("--cpu-gemm", choices=["auto", "torch", "openblas"], default="auto",
-                        help="train.cpu_gemm: where fp32 Linear products run (auto = measured, selfsup/nn/gemm.py)")
+                        help="train.cpu_gemm: where fp32 Linear products run (auto: OpenBLAS on AMD CPUs, selfsup/nn/gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, peak_rss_mb  # noqa: E402
+from _common import gemm_record, median, peak_rss_mb  # noqa: E402
 
 PRESETS = {"mlm": "text_encoder", "next_token": "text_decoder"}
 
@@ -59,7 +59,6 @@ def run_selfsup(args: argparse.Namespace) -> dict:
     from selfsup.config import TrainConfig
     from selfsup.data.pipeline import TextBatches
     from selfsup.encoders import build_encoder
-    from selfsup.nn.gemm import current_backend
     from selfsup.methods import build_method
     from selfsup.train.loop import fit
     from selfsup.train.runtime import init_runtime
@@ -88,7 +87,7 @@ def run_selfsup(args: argparse.Namespace) -> dict:
         "tokens_per_s_steps": [r["tokens_per_s"] for r in rows],
         "step_s": [args.batch * args.seq_len / r["tokens_per_s"] for r in rows],
         "loss": [r["loss"] for r in rows],
-        "cpu_gemm": current_backend(),  # where fp32 Linear products ran (selfsup/nn/gemm.py)
+        **gemm_record(method, "cpu"),  # where fp32 Linear products ran (selfsup/nn/gemm.py)
     }
 
 
@@ -206,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = none")
     parser.add_argument("--cpu-gemm", choices=["auto", "torch", "openblas"], default="auto",
-                        help="train.cpu_gemm: where fp32 Linear products run (auto = measured, selfsup/nn/gemm.py)")
+                        help="train.cpu_gemm: where fp32 Linear products run (auto: OpenBLAS on AMD CPUs, selfsup/nn/gemm.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

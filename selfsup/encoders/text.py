@@ -112,6 +112,7 @@ class TextTransformer(nn.Module):
         if cfg.lm_transform:
             self.lm_transform = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim, eps=1e-6))
             self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.cpu_gemm = "torch"  # where the LM head's fp32 CPU product runs; `nn.gemm.route_linears` sets it
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -140,7 +141,7 @@ class TextTransformer(nn.Module):
         """
         if self.lm_transform is not None:
             hidden = self.lm_transform(hidden)
-        return linear(hidden, self.output_embedding(), self.lm_bias)  # F.linear, or OpenBLAS (nn/gemm.py)
+        return linear(hidden, self.output_embedding(), self.lm_bias, self.cpu_gemm)  # F.linear, or OpenBLAS (nn/gemm.py)
 
     def forward(
         self, input_ids: Tensor, mask: Tensor | None = None, attention_mask: Tensor | None = None,

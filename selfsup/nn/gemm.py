@@ -5,10 +5,11 @@ Why: PyTorch's CPU build does every fp32 `nn.Linear` product with Intel MKL's sg
 2 threads, the three products of a Linear's forward and backward ran at 116-131 GFLOP/s through
 `torch.mm` against 171-179 GFLOP/s through OpenBLAS (the copy numpy ships with), 1.3-1.5x, for the
 shapes of a ViT-Tiny or a small BERT ([2048-4096, 192-256] x [192-256, 576-8192]). A Transformer's
-step is mostly these products, so on such CPUs selfsup runs them on OpenBLAS; on a CPU where MKL is
-as fast (Intel), it keeps MKL. Which one is faster is measured, not guessed: `choose_cpu_gemm("auto")`
-times one representative product both ways (~0.1 s) and picks OpenBLAS only when it wins by at least
-`_MIN_GAIN`.
+step is mostly these products, so on such CPUs selfsup runs them on OpenBLAS; on Intel CPUs, where
+MKL takes its fast path, it keeps MKL. `choose_cpu_gemm("auto")` decides by the CPU's vendor
+(`/proc/cpuinfo`), not by timing: a timed choice flips between runs when the two are close, and the
+same config and seed must compute the same numbers however the run is launched. `measure_gemm`
+times both on this machine (the benchmarks record it beside their figures).
 
 What changes: only where the products are computed. `BlasLinear` is an `nn.Linear` (same parameters,
 same state dict, same initialisation) whose forward is `linear()`: y = x W^T + b, and whose backward
@@ -16,13 +17,15 @@ gives dx = g W, dW = g^T x, db = sum g — the same maths as `F.linear`, summed 
 results agree to float32 rounding, ~1e-6 relative). It applies only to float32 CPU tensors outside
 autocast; anything else (CUDA, bf16 autocast, float64, a second-order graph) goes to `F.linear`
 unchanged. `route_linears(model, backend)` turns a model's `nn.Linear` modules (its heads, its
-encoders, a Hugging Face model's layers) into `BlasLinear` in place; `restore_linears` undoes it.
+encoders, a Hugging Face model's layers) into `BlasLinear` in place, and sets `cpu_gemm` on modules
+that multiply by a weight directly (they declare that attribute and call `linear(..., backend=...)`,
+e.g. the text LM head); `restore_linears` undoes it. There is no process-wide state.
 
 Threads: OpenBLAS keeps its own pool, sized here to torch's thread count. Its idle workers spin for
 ~0.1 s after each product by default, stealing the cores torch's own kernels (attention, GELU,
 LayerNorm) need in between; `OPENBLAS_THREAD_TIMEOUT` (read once, when numpy loads OpenBLAS) makes
-them sleep at once. The `selfsup` command sets it before anything loads; where it is not set (a
-script that imported numpy first), `auto` keeps MKL, since the measured gain is then not the real one.
+them sleep at once. The `selfsup` command sets it before anything loads; a script that imported
+numpy first gets the same numbers a little slower, and a log line saying how to avoid that.
 """
 
 from __future__ import annotations
@@ -44,10 +47,8 @@ logger = logging.getLogger("selfsup")
 Backend = Literal["torch", "openblas"]
 CPU_GEMM_SETTINGS = ("auto", "torch", "openblas")
 OPENBLAS_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
-_MIN_GAIN = 1.15  # OpenBLAS must be this much faster on the probe product to be used
-
-_backend: Backend = "torch"  # the process-wide choice that `linear()` follows (set by `route_linears`)
-_measured: Backend | None = None  # what "auto" measured in this process
+# x86 vendors whose CPUs MKL runs on its generic path (it checks for GenuineIntel).
+_MKL_SLOW_VENDORS = ("AuthenticAMD", "HygonGenuine")
 
 
 def _fits(x: Tensor, weight: Tensor) -> bool:
@@ -95,51 +96,43 @@ class _BlasLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, on OpenBLAS when the process chose it and the tensors fit (module doc)."""
-    if _backend == "openblas" and _fits(x, weight) and (bias is None or bias.dtype == torch.float32):
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "torch") -> Tensor:
+    """`F.linear`, on OpenBLAS when `backend` is "openblas" and the tensors fit (module doc)."""
+    if backend == "openblas" and _fits(x, weight) and (bias is None or bias.dtype == torch.float32):
         return _BlasLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def current_backend() -> Backend:
-    """The backend `linear()` follows in this process."""
-    return _backend
-
-
 class BlasLinear(nn.Linear):
-    """An `nn.Linear` whose product follows `linear()`; made from one by `route_linears`."""
+    """An `nn.Linear` whose product runs on OpenBLAS where it fits; made from one by `route_linears`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, "openblas")
 
 
 def route_linears(model: nn.Module, backend: Backend) -> int:
-    """Sets the process's backend and, for "openblas", turns every plain `nn.Linear` in `model` into a
-    `BlasLinear` in place (parameters untouched). Returns how many modules were turned."""
-    global _backend
+    """Puts `model`'s products on `backend`: for "openblas" every plain `nn.Linear` becomes a
+    `BlasLinear` in place (parameters untouched), for "torch" back; modules with a `cpu_gemm`
+    attribute get `backend`. Returns how many modules changed."""
     if backend not in ("torch", "openblas"):
         raise SelfsupError(f"cpu_gemm backend must be 'torch' or 'openblas', got {backend!r}")
-    _backend = backend
-    if backend == "torch":
-        return restore_linears(model)
-    _match_threads()
+    if backend == "openblas":
+        _match_threads()
+    old, new = (nn.Linear, BlasLinear) if backend == "openblas" else (BlasLinear, nn.Linear)
     turned = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = BlasLinear
+        if type(module) is old:
+            module.__class__ = new
+            turned += 1
+        if hasattr(module, "cpu_gemm") and module.cpu_gemm != backend:
+            module.cpu_gemm = backend
             turned += 1
     return turned
 
 
 def restore_linears(model: nn.Module) -> int:
-    """Turns `BlasLinear` modules back into plain `nn.Linear`; returns how many."""
-    turned = 0
-    for module in model.modules():
-        if type(module) is BlasLinear:
-            module.__class__ = nn.Linear
-            turned += 1
-    return turned
+    """Puts every product of `model` back on torch's own kernels; returns how many modules changed."""
+    return route_linears(model, "torch")
 
 
 def _match_threads() -> None:
@@ -181,27 +174,35 @@ def measure_gemm(m: int = 2048, k: int = 256, n: int = 1024, repeats: int = 3) -
     return _time(with_torch, repeats), _time(with_openblas, repeats)
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def choose_cpu_gemm(setting: str, device: torch.device, autocast: bool) -> Backend:
     """The backend a run uses: `setting` is "auto", "torch" or "openblas" (train.cpu_gemm).
 
-    Only CPU float32 runs have a choice; "auto" measures (module doc) and logs what it found."""
-    global _measured
+    Only CPU float32 runs have a choice; "auto" is OpenBLAS on CPUs whose vendor MKL slows down
+    (module doc), torch's MKL elsewhere, and says which."""
     if setting not in CPU_GEMM_SETTINGS:
         raise SelfsupError(f"train.cpu_gemm must be one of {', '.join(CPU_GEMM_SETTINGS)}, got {setting!r}")
     if device.type != "cpu" or autocast:
         return "torch"
     if setting != "auto":
         return setting  # type: ignore[return-value]
-    if setting == "auto" and _measured is not None:
-        return _measured
-    if os.environ.get(OPENBLAS_TIMEOUT_ENV) is None:
-        logger.info("cpu_gemm: MKL (OpenBLAS not tried: %s was not set before numpy loaded)", OPENBLAS_TIMEOUT_ENV)
+    vendor = cpu_vendor()
+    if vendor not in _MKL_SLOW_VENDORS:
         return "torch"
-    mkl_s, blas_s = measure_gemm()
-    gain = mkl_s / blas_s
-    backend: Backend = "openblas" if gain >= _MIN_GAIN else "torch"
-    _measured = backend  # once per process: the machine does not change
-    logger.info("cpu_gemm: %s (a Linear step's products: MKL %.1f ms, OpenBLAS %.1f ms, %.2fx; "
-                "train.cpu_gemm=torch|openblas fixes it)", "OpenBLAS" if backend == "openblas" else "MKL",
-                mkl_s * 1e3, blas_s * 1e3, gain)
-    return backend
+    logger.info("cpu_gemm: OpenBLAS for fp32 Linear products (an %s CPU, where MKL takes its slow path; "
+                "train.cpu_gemm=torch keeps MKL)", vendor)
+    if os.environ.get(OPENBLAS_TIMEOUT_ENV) is None:
+        logger.info("cpu_gemm: set %s=4 before numpy loads (the selfsup command does) so OpenBLAS's idle "
+                    "threads do not spin on the cores torch needs", OPENBLAS_TIMEOUT_ENV)
+    return "openblas"

@@ -14,12 +14,6 @@ from selfsup.nn import gemm
 from selfsup.nn.gemm import BlasLinear, choose_cpu_gemm, restore_linears, route_linears
 
 
-@pytest.fixture(autouse=True)
-def _reset_backend():
-    yield
-    gemm._backend = "torch"
-
-
 def test_forward_and_gradients_match_nn_linear():
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 7, bias=False))
@@ -77,9 +71,33 @@ def test_restore_and_torch_backend():
     route_linears(model, "openblas")
     assert restore_linears(model) == 2
     assert all(type(m) is nn.Linear for m in model)
-    assert route_linears(model, "torch") == 0 and gemm._backend == "torch"
+    assert route_linears(model, "torch") == 0
     with pytest.raises(SelfsupError):
         route_linears(model, "blas")
+
+
+def test_the_text_lm_head_follows_its_model_and_nothing_else():
+    """The LM head multiplies by the tied embedding directly: routed with its model, and only its model
+    (no process-wide state: another model built afterwards still uses torch's kernels)."""
+    from selfsup.encoders import build_encoder
+
+    torch.manual_seed(0)
+    routed = build_encoder("text_encoder", vocab_size=50, max_len=16, dim=16, depth=1, heads=2)
+    plain = copy.deepcopy(routed)
+    route_linears(routed, "openblas")
+    assert routed.cpu_gemm == "openblas" and plain.cpu_gemm == "torch"
+    hidden = torch.randn(3, 16, requires_grad=True)
+    calls = []
+    original = gemm._BlasLinear.apply
+    gemm._BlasLinear.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        torch.testing.assert_close(routed.lm_head(hidden), plain.lm_head(hidden), rtol=1e-5, atol=1e-5)
+        assert len(calls) >= 1
+        calls.clear()
+        plain.lm_head(hidden)
+        assert not calls
+    finally:
+        gemm._BlasLinear.apply = original
 
 
 def test_choice_rules(monkeypatch):
@@ -87,17 +105,22 @@ def test_choice_rules(monkeypatch):
     assert choose_cpu_gemm("openblas", cuda, False) == "torch"
     assert choose_cpu_gemm("openblas", cpu, True) == "torch"  # bf16 autocast: MKL/oneDNN's bf16 path
     assert choose_cpu_gemm("openblas", cpu, False) == "openblas"
+    assert choose_cpu_gemm("torch", cpu, False) == "torch"
     with pytest.raises(SelfsupError, match="cpu_gemm"):
         choose_cpu_gemm("mkl", cpu, False)
-    monkeypatch.setattr(gemm, "_measured", None)
-    monkeypatch.delenv(gemm.OPENBLAS_TIMEOUT_ENV, raising=False)
-    assert choose_cpu_gemm("auto", cpu, False) == "torch"  # spinning OpenBLAS threads: not tried
-    monkeypatch.setenv(gemm.OPENBLAS_TIMEOUT_ENV, "4")
-    monkeypatch.setattr(gemm, "measure_gemm", lambda: (2.0, 1.0))
+    # auto follows the vendor, never a timing, so every launch of a config computes the same numbers
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(gemm, "measure_gemm", lambda: pytest.fail("auto must not time"))
     assert choose_cpu_gemm("auto", cpu, False) == "openblas"
-    monkeypatch.setattr(gemm, "_measured", None)
-    monkeypatch.setattr(gemm, "measure_gemm", lambda: (1.05, 1.0))  # under _MIN_GAIN: MKL stays
+    assert choose_cpu_gemm("auto", cuda, False) == "torch"
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
     assert choose_cpu_gemm("auto", cpu, False) == "torch"
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "")
+    assert choose_cpu_gemm("auto", cpu, False) == "torch"
+
+
+def test_cpu_vendor_reads_cpuinfo():
+    assert isinstance(gemm.cpu_vendor(), str)
 
 
 def test_measure_gemm_times_both():
@@ -106,15 +129,15 @@ def test_measure_gemm_times_both():
 
 
 def test_a_run_on_openblas_resumes_bit_identically_on_it(tmp_path, monkeypatch):
-    """The choice is kept in the checkpoint: a resume asked for "auto" (which, with OpenBLAS's
-    threads unset, would pick MKL) continues on OpenBLAS and ends with the uninterrupted run's weights."""
+    """The choice is kept in the checkpoint: a resume asked for "auto" (which, on this test's
+    Intel-looking CPU, would pick MKL) continues on OpenBLAS and ends with the uninterrupted run's weights."""
     import dataclasses
 
     from selfsup.train import checkpoint
     from tests.conftest import tiny_train_config
     from tests.train.test_loop import _rows, _simclr_run
 
-    monkeypatch.delenv(gemm.OPENBLAS_TIMEOUT_ENV, raising=False)
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
     cfg = dataclasses.replace(tiny_train_config(steps=6, eval_every=2), cpu_gemm="openblas")
     _, reference = _simclr_run(tmp_path / "whole", cfg)
     assert any(type(m) is BlasLinear for m in reference.modules())
