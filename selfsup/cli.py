@@ -325,13 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "data.shuffle_buffer) instead of loading the source into memory. Images and audio keep "
                             "their files' bytes (checked once, under data.on_bad_file); text is tokenized here "
                             "(the tokenizer is trained on the training documents, or tokenizer.path) and stored "
-                            "as token ids.")
-    p.add_argument("source", help="a built-in name, a folder, a .csv/.jsonl manifest, an .npz (images), or a text "
-                   "source (.txt, .jsonl, .csv, a folder of .txt files)")
+                            "as token ids; image-text pairs (--modality image_text) keep each image's bytes with "
+                            "all its captions as text, and the BPE tokenizer trained on the training captions "
+                            "(or tokenizer.path) that a run streaming them reads with.")
+    p.add_argument("source", help="a built-in name, a folder, a .csv/.jsonl manifest, an .npz (images), a text "
+                   "source (.txt, .jsonl, .csv, a folder of .txt files), or an image-caption manifest (image_text)")
     p.add_argument("--out", type=Path, required=True, help="the shards folder to write (must be empty or missing)")
     p.add_argument("--modality", choices=SHARD_MODALITIES, default=None,
                    help="what the source holds (default: data.modality, else text for manpages and .txt files, "
-                   "audio for klettres and espeak, image for the rest)")
+                   "audio for klettres and espeak, image for the rest: image-caption pairs need image_text)")
     p.add_argument("--shard-items", type=int, default=None,
                    help="samples per shard (default 1000 images or clips, 4000 documents)")
     p.add_argument("--tokenizer-kind", choices=["wordpiece", "bpe"], default=None,

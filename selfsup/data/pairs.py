@@ -13,19 +13,25 @@ Sources:
 `PairSet` offers both faces the rest of selfsup reads: `images` (what an image tower's reader
 embeds) and `texts` (each image's first caption: what a text tower's reader embeds), so either
 tower of a CLIP run can be probed, adapted and audited on the run's own data.
+
+Sharded (`selfsup data shard --modality image_text`): a sample is an image's member as image shards
+hold it (the file's own bytes, or PNG for the built-in), `KEY.captions.json` (all its captions, a JSON
+list: text, tokenized by the run) and `KEY.json`; `DecodePairs` decodes one in a stream's worker.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from selfsup.data.decode import _BadFilePolicy, _decode_all, check_bad_file_settings
-from selfsup.data.sources import (_cell, _manifest_group_columns, _manifest_groups, _manifest_items,
-                                  _manifest_labels, _read_manifest_rows, check_label_column)
+from selfsup.data.pipeline import DecodeImages, collate_images
+from selfsup.data.sources import FileListing, _cell, _manifest_labels, _read_manifest_rows, manifest_listing
 from selfsup.errors import SelfsupError
 
 PAIR_BUILTINS = ("emoji",)
@@ -88,10 +94,20 @@ def load_pair_source(source: str | Path, image_size: int, channels: int = 3, *, 
     check_bad_file_settings(on_bad, max_bad_fraction)
     if source in PAIR_BUILTINS:
         return load_emoji_pairs(image_size, channels, label_column)
+    listing = list_pair_manifest(pair_manifest(source), text_field, label_column, group_columns)
+    kept, pixels, bad = _decode_all(listing.files.items, image_size, channels, _BadFilePolicy(on_bad, max_bad_fraction),
+                                    progress)
+    ids, labels, classes, groups = listing.files.rows(kept)
+    return PairSet(torch.from_numpy(pixels), [listing.captions[i] for i in kept], ids, labels, classes, groups,
+                   listing.files.source, len(bad))
+
+
+def pair_manifest(source: str) -> Path:
+    """The manifest a pair source that is not a built-in names; an error saying what a pair source is
+    when it names a folder, another file or nothing."""
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
-        return _load_pair_manifest(path, image_size, channels, text_field, _BadFilePolicy(on_bad, max_bad_fraction),
-                                   label_column, group_columns, progress)
+        return path
     what = "a folder" if path.is_dir() else ("a file" if path.is_file() else "nothing")
     raise SelfsupError(f"image–text data: {source} is {what}; give a built-in ({', '.join(PAIR_BUILTINS)}) or a "
                        f".csv/.jsonl manifest with an `image` (or `path`) column and a `caption` (or `text`) column")
@@ -118,8 +134,19 @@ def load_emoji_pairs(image_size: int, channels: int = 3, label_column: str = "la
                    "builtin:emoji")
 
 
-def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_field: str, policy: _BadFilePolicy,
-                        label_column: str, group_columns: list[str] | None, progress: bool) -> PairSet:
+@dataclass
+class PairListing:
+    """A pair manifest's images, listed and not read (`files`: one row per distinct image, with its
+    id, label and groups from the image's first manifest row), and each listed image's captions."""
+
+    files: FileListing
+    captions: list[tuple[str, ...]]
+
+
+def list_pair_manifest(manifest: Path, text_field: str = "text", label_column: str = "label",
+                       group_columns: list[str] | None = None) -> PairListing:
+    """The images a .csv/.jsonl manifest names with their captions (module docstring), before any image
+    is read: what a run decodes (`load_pair_source`) and what `data shard` checks and copies."""
     rows, columns = _read_manifest_rows(manifest, required=None)
     image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
     caption_column = next((c for c in (text_field, *CAPTION_COLUMNS) if c in columns), None)
@@ -129,8 +156,6 @@ def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_fie
                            f"columns are: {', '.join(columns) or '(none)'}")
     if not rows:
         raise SelfsupError(f"{manifest}: the manifest lists no image–caption pairs")
-    check_label_column(manifest, columns, label_column)
-    group_columns = _manifest_group_columns(manifest, columns, group_columns)
     first_row: dict[str, int] = {}  # the file an image cell names -> index into `images`
     images: list[tuple[int, dict]] = []
     captions: list[list[str]] = []
@@ -145,13 +170,8 @@ def _load_pair_manifest(manifest: Path, image_size: int, channels: int, text_fie
         first_row[key] = len(images)
         images.append((line_number, {**row, "path": written}))
         captions.append(texts)
-    items, ids = _manifest_items(manifest, images)
-    kept, pixels, bad = _decode_all(items, image_size, channels, policy, progress)
-    kept_rows = [images[i] for i in kept]
-    labels, classes = _manifest_labels(kept_rows, columns, label_column)
-    groups = _manifest_groups(manifest, kept_rows, group_columns)
-    return PairSet(torch.from_numpy(pixels), [tuple(captions[i]) for i in kept], [ids[i] for i in kept], labels,
-                   classes, groups, str(manifest), len(bad))
+    files = manifest_listing(manifest, images, columns, label_column, group_columns)
+    return PairListing(files, [tuple(texts) for texts in captions])
 
 
 def _captions(value: object, where: str, column: str) -> list[str]:
@@ -168,3 +188,54 @@ def _captions(value: object, where: str, column: str) -> list[str]:
     if not texts:
         raise SelfsupError(f"{where}: `{column}` is an empty list; every image needs a caption")
     return texts
+
+
+# ---- shards (`selfsup data shard --modality image_text`, data/shards.py) --------------------------
+
+CAPTIONS = "captions.json"  # a pair sample's captions member: KEY.captions.json, a JSON list of strings
+
+
+def captions_member(captions: tuple[str, ...] | list[str]) -> dict[str, bytes]:
+    """An image's captions as a sample's member {"captions.json": a JSON list, UTF-8}: every caption, in
+    the source's order (a run draws one per step; probes read the first)."""
+    return {CAPTIONS: json.dumps(list(captions), ensure_ascii=False).encode("utf-8")}
+
+
+def sample_captions(key: str, files: dict[str, bytes]) -> tuple[str, ...]:
+    """A pair sample's captions (KEY.captions.json); an error naming the sample when the member is
+    missing or is not a non-empty list of non-empty strings (a damaged or foreign shard: no caption
+    can be made up, so it is never skipped as a bad image is)."""
+    raw = files.get(CAPTIONS)
+    if raw is None:
+        raise SelfsupError(f"{key}: the sample has no {CAPTIONS} member (its captions); is this folder of another "
+                           "modality? Write it again with `selfsup data shard --modality image_text`")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SelfsupError(f"{key}.{CAPTIONS}: not valid JSON ({err}); write the shard again with "
+                           "`selfsup data shard`") from None
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
+        raise SelfsupError(f"{key}.{CAPTIONS}: expected a non-empty list of captions, got {raw[:120]!r}; write the "
+                           "shard again with `selfsup data shard`")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class DecodePairs(DecodeImages):
+    """A stream's `to_items` for image–text pairs (runs in a DataLoader worker): each sample's image
+    decoded as `DecodeImages` decodes it (bad images named, or skipped and counted) and its captions
+    -> (uint8 [C, S, S], id, label, captions). Captions stay text: the training process tokenizes the
+    one it draws per step with the run's tokenizer."""
+
+    besides: ClassVar[tuple[str, ...]] = (CAPTIONS,)
+
+    def item(self, image: torch.Tensor, key: str, files: dict[str, bytes],
+             meta: dict[str, Any]) -> tuple[torch.Tensor, str, int, tuple[str, ...]]:
+        return image, meta["id"], int(meta["label"]), sample_captions(key, files)
+
+
+def collate_pairs(items: list[tuple[torch.Tensor, str, int, tuple[str, ...]]]
+                  ) -> tuple[torch.Tensor, list[str], torch.Tensor, list[tuple[str, ...]]]:
+    """(uint8 [B, C, S, S], ids, labels int64 [B], captions per image) of a micro-batch of pairs."""
+    images, ids, labels = collate_images([item[:3] for item in items])
+    return images, ids, labels, [item[3] for item in items]

@@ -98,10 +98,11 @@ class DecodeImages:
     on_bad: str = "error"
     max_bad_fraction: float = 0.01
     per_sample: ClassVar[bool] = True  # one item per sample, nothing carried over: a resume skips samples undecoded
+    besides: ClassVar[tuple[str, ...]] = ()  # members that are never the image (image–text: the captions)
 
-    def __call__(self, samples: Iterator[Sample]) -> Iterator[tuple[Tensor, str, int]]:
+    def __call__(self, samples: Iterator[Sample]) -> Iterator[tuple[Any, ...]]:
         bad = BadSamples(self.on_bad, self.max_bad_fraction)
-        payload = payload_member(IMAGE_EXTENSIONS, "image")
+        payload = payload_member(IMAGE_EXTENSIONS, "image", self.besides)
         for key, files in samples:
             meta = sample_meta(key, files)
             ext = payload(key, files)
@@ -112,7 +113,12 @@ class DecodeImages:
                 bad.failed(f"{key}.{ext}", err)
                 continue
             bad.ok()
-            yield torch.from_numpy(np.array(pixels)), meta["id"], int(meta["label"])  # a writable copy
+            yield self.item(torch.from_numpy(np.array(pixels)), key, files, meta)  # a writable copy
+
+    def item(self, image: Tensor, key: str, files: dict[str, bytes], meta: dict[str, Any]) -> tuple[Any, ...]:
+        """The item a decoded sample gives: (uint8 [C, S, S], id, label); a subclass adds the sample's other
+        members (image–text: its captions, `pairs.DecodePairs`)."""
+        return image, meta["id"], int(meta["label"])
 
 
 def collate_images(items: list[tuple[Tensor, str, int]]) -> tuple[Tensor, list[str], Tensor]:

@@ -5,7 +5,7 @@ DIR/.selfsup.json          marker {"kind": "shards"} (selfsup/files.py): --overw
 DIR/shards.json            the index (below)
 DIR/train-000000.tar ...   the training split, `--shard-items` samples per shard (the last may hold fewer)
 DIR/holdout-000000.tar ... the held-out split, written in source order
-DIR/tokenizer.json         text: the tokenizer the token ids were made with
+DIR/tokenizer.json         text: the tokenizer the token ids were made with; image–text: the captions' tokenizer
 ```
 
 **Why tar (WebDataset's layout), not Parquet.** A sample is a few binary blobs (an encoded image or
@@ -21,8 +21,9 @@ key is the member name up to the first dot of its last path component): `KEY.jso
 value}}; the payload is the original file's bytes under its own extension (`KEY.jpg`, `KEY.flac`),
 an array source's pixels as `KEY.png` or clips as `KEY.wav`, or a document's `KEY.txt` (its text,
 UTF-8, for probes and reports) and `KEY.ids.npy` (its token ids, uint16 when the vocabulary fits,
-else int32, as the tokenizer gives them: no bounds, no padding). Keys are the sample's running
-number in its split (`000000123`).
+else int32, as the tokenizer gives them: no bounds, no padding). An image–text sample is an image's
+payload plus `KEY.captions.json` (all its captions, a JSON list of strings: text, which a run tokenizes).
+Keys are the sample's running number in its split (`000000123`).
 
 **Reading never extracts.** `read_shard` streams a tar (`tarfile.open(path, "r|*")`) and reads each
 member into memory; a member that is not a regular file (a link, a folder, a device), whose name is
@@ -38,7 +39,8 @@ the same rule (`BadSamples`).
 split, `classes` (null when unlabelled), `label_column`, `group_columns`, `num_skipped` (bad source
 files left out), per split its `items` and its `shards` ([{"name", "items", "bytes"} + "tokens" for
 text]), and the modality's `settings` (images: channel statistics; text: the tokenizer's file and
-kind; audio: the rate clips were checked at). What a run may choose is not baked in: images keep
+kind; audio: the rate clips were checked at; image–text: channel statistics, the captions' tokenizer
+and the training captions' count). What a run may choose is not baked in: images keep
 their encoded bytes (a run decodes them at its `data.image_size`/`data.channels`), text keeps whole
 documents (a run packs them into its `data.seq_len` blocks), audio keeps the original file (a run
 resamples to its `data.sample_rate`).
@@ -537,14 +539,16 @@ def _progress(enabled: bool, title: str, total: int) -> Any:
 def write_listed(writers: dict[str, ShardWriter], listing: "FileListing", check: Callable[[Path], Any],
                  policy: "_BadFilePolicy", kind: "_FileKind", holdout_fraction: float, seed: int, progress: bool,
                  checked: Callable[[int, Any], None] | None = None,
-                 after_check: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
+                 after_check: Callable[[list[int]], None] | None = None,
+                 members: Callable[[int], dict[str, bytes]] | None = None) -> dict[str, Any]:
     """Shards the files a folder or manifest lists, in two passes. First every file is decoded by
     `check` (raising `_BadFile`) under the bad-file policy — the rows a run loading the source would
     keep — and `checked(kept_number, value)` sees each kept value (image statistics); `after_check(kept)`
-    may still refuse the source. The kept rows are split as a run splits them (`split.holdout_mask`,
-    stratified by label), then each file's original bytes are copied into its split's shards: the
-    training rows in a seeded order (`write_order`), the held-out rows in source order. Files are
-    thus read twice, and the split equals an in-memory run's. Returns the index's fields, and
+    (the kept rows' numbers in the listing) may still refuse the source. The kept rows are split as a
+    run splits them (`split.holdout_mask`, stratified by label), then each file's original bytes are
+    copied into its split's shards, with `members(listing row)`'s members beside them (image–text: the
+    captions): the training rows in a seeded order (`write_order`), the held-out rows in source order.
+    Files are thus read twice, and the split equals an in-memory run's. Returns the index's fields, and
     `train_rows` (the training rows' numbers among the kept ones, in source order: for statistics of
     the training split; the caller takes it out)."""
     from selfsup.data.decode import DecodedStream
@@ -574,6 +578,7 @@ def write_listed(writers: dict[str, ShardWriter], listing: "FileListing", check:
                                        "when checked a moment ago: run `selfsup data shard` again") from None
                 label = -1 if labels is None else int(labels[i])
                 writers[split].add({Path(path).suffix.lower().lstrip(".") or "bin": data,
+                                    **(members(kept[i]) if members is not None else {}),
                                     META: encode_meta(ids[i], label, {c: v[i] for c, v in groups.items()})})
                 bar.update(writers["train"].items + writers["holdout"].items)
     finally:
@@ -620,20 +625,24 @@ class Rows:
     labels: Any  # int64 [N] or None
     classes: list[str] | None
     groups: dict[str, list[str]]
+    extras: list[Any] = field(default_factory=list)  # per row, what `read_rows`' `extra` read of it (if given)
 
 
 def read_rows(index: ShardIndex, split: str, payload: Callable[[str, dict[str, bytes]], str],
               decode: Callable[[bytes], Any], policy: "_BadFilePolicy", kind: "_FileKind", progress: bool,
-              limit: int | None = None, labelled_only: bool = False) -> Rows:
+              limit: int | None = None, labelled_only: bool = False,
+              extra: Callable[[str, dict[str, bytes]], Any] | None = None) -> Rows:
     """The samples of `split` decoded in memory (decoding on a few threads, under the bad-file policy,
     errors naming shard and member): `payload(key, files)` names the member to decode, `decode(bytes)`
     decodes it (raising `_BadFile`). `limit`: only the first samples (the first labelled ones with
-    `labelled_only`) — a kNN bank or a fitting sample read from the first shards."""
+    `labelled_only`) — a kNN bank or a fitting sample read from the first shards. `extra(key, files)`:
+    what else to keep of each sample (image–text: its captions), in `Rows.extras`."""
     import torch
 
     from selfsup.data.decode import DecodedStream
 
     metas: list[dict[str, Any]] = []
+    extras: list[Any] = []
 
     def items() -> Iterator[tuple[bytes, str]]:
         taken = 0
@@ -645,6 +654,8 @@ def read_rows(index: ShardIndex, split: str, payload: Callable[[str, dict[str, b
                 continue
             ext = payload(key, files)
             metas.append(meta)
+            if extra is not None:
+                extras.append(extra(key, files))
             taken += 1
             yield files[ext], f"{key}.{ext}"
 
@@ -659,26 +670,29 @@ def read_rows(index: ShardIndex, split: str, payload: Callable[[str, dict[str, b
     classes = index.classes
     labels = None if classes is None else torch.tensor([int(m["label"]) for m in chosen], dtype=torch.long)
     groups = {c: [str(m.get("groups", {}).get(c, "")) for m in chosen] for c in index.group_columns}
-    return Rows(values, [m["id"] for m in chosen], labels, classes, groups)
+    return Rows(values, [m["id"] for m in chosen], labels, classes, groups,
+                [extras[row] for row in kept] if extra is not None else [])
 
 
-def payload_member(extensions: tuple[str, ...], what: str) -> Callable[[str, dict[str, bytes]], str]:
+def payload_member(extensions: tuple[str, ...], what: str,
+                   besides: tuple[str, ...] = ()) -> Callable[[str, dict[str, bytes]], str]:
     """A `payload` for `read_rows` and the stream decoders: the sample's member whose extension is one of
-    `extensions` (lower-case, without the dot), else its only member besides KEY.json; an error naming
-    the sample when there is none."""
-    return _Payload(tuple(e.lstrip(".").lower() for e in extensions), what)
+    `extensions` (lower-case, without the dot), else its only member besides KEY.json and the members
+    `besides` (image–text: the captions); an error naming the sample when there is none."""
+    return _Payload(tuple(e.lstrip(".").lower() for e in extensions), what, (META, *besides))
 
 
 @dataclass(frozen=True)
 class _Payload:
     extensions: tuple[str, ...]
     what: str
+    besides: tuple[str, ...] = (META,)
 
     def __call__(self, key: str, files: dict[str, bytes]) -> str:
         for ext in files:
             if ext.lower() in self.extensions:
                 return ext
-        others = [ext for ext in files if ext != META]
+        others = [ext for ext in files if ext not in self.besides]
         if len(others) == 1:  # a manifest's file of another extension (`x.image`): its bytes all the same
             return others[0]
         raise SelfsupError(f"{key}: the sample holds no {self.what} member ({', '.join(self.extensions)}); its members "

@@ -80,16 +80,24 @@ def list_file_source(path: Path, extensions: tuple[str, ...], what: str, label_c
     rows, columns = _read_manifest_rows(path)
     if not rows:
         raise SelfsupError(f"{path}: the manifest lists no {what}")
-    check_label_column(path, columns, label_column)
-    groups = _manifest_group_columns(path, columns, group_columns)
-    items, ids = _manifest_items(path, rows)
+    return manifest_listing(path, rows, columns, label_column, group_columns)
+
+
+def manifest_listing(manifest: Path, rows: list[tuple[int, dict]], columns: list[str], label_column: str,
+                     group_columns: list[str] | None) -> FileListing:
+    """The files a manifest's rows name (each row's `path` cell, kept inside the manifest's folder) as a
+    `FileListing`: ids, labels from `label_column` and subgroups from `group_columns` of the kept rows.
+    Shared by image and audio manifests and image–text pairs (whose rows are one per image)."""
+    check_label_column(manifest, columns, label_column)
+    groups = _manifest_group_columns(manifest, columns, group_columns)
+    items, ids = _manifest_items(manifest, rows)
 
     def manifest_rows(kept: list[int]):
         kept_rows = [rows[row] for row in kept]
         labels, classes = _manifest_labels(kept_rows, columns, label_column)
-        return [ids[row] for row in kept], labels, classes, _manifest_groups(path, kept_rows, groups)
+        return [ids[row] for row in kept], labels, classes, _manifest_groups(manifest, kept_rows, groups)
 
-    return FileListing(items, manifest_rows, str(path))
+    return FileListing(items, manifest_rows, str(manifest))
 
 
 def _load_folder(root: Path, image_size: int, channels: int, policy: _BadFilePolicy,

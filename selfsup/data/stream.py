@@ -41,8 +41,8 @@ gives no micro-batch at all is an error.
 reader in the cycle, and per reader (micro-batches it gave, raw samples it had pulled through
 `to_items` when it gave its last one)). A resumed reader replays its shuffle (re-reading tar bytes)
 and restarts where it stopped:
-- `to_items.per_sample = True` (images, audio: each item comes from one sample and nothing is kept
-  from one sample to the next): the reader skips the samples it had pulled, without decoding them,
+- `to_items.per_sample = True` (images, image–text pairs, audio: each item comes from one sample and
+  nothing is kept from one sample to the next): the reader skips the samples it had pulled, without decoding them,
   and runs `to_items` on the rest. This needs `to_items` to be lazy — to pull a sample only when it
   needs one for its next item — as a plain generator is;
 - otherwise (text packing carries a partial block from one document into the next): the reader runs

@@ -239,8 +239,8 @@ class Modality(ABC):
                      tokenizer_kind: str | None = None) -> "ShardSummary":
         """Writes `cfg.data.source` as a shards folder `out`: both splits (`data.holdout_fraction`,
         `seed`), labels, groups, and what a streamed run cannot compute from the whole training split."""
-        raise SelfsupError(f"`selfsup data shard` does not yet write {self.name} data; shard the image, text or "
-                           "audio sources, or train on this source as it is")
+        raise SelfsupError(f"`selfsup data shard` does not yet write {self.name} data; shard the image, text, audio "
+                           "or image_text sources, or train on this source as it is")
 
     def load_shard_folder(self, cfg: "RunConfig", progress: bool = True) -> Any:
         """Every row of the shards folder `cfg.data.source` in memory (its training rows, then its

@@ -26,9 +26,9 @@ from selfsup.data.builtins import BUILTIN
 from selfsup.data.decode import IMAGE_FILES, _BadFilePolicy, _decode, decode_image_bytes, pixel_limit_is_error
 from selfsup.data.images import IMAGE_EXTENSIONS, MANIFEST_KINDS, ImageSet, load_image_source
 from selfsup.data.pipeline import DecodeImages, ImageBatches, ImageStreamBatches, channel_stats, collate_images
-from selfsup.data.shards import (ShardIndex, ShardReader, ShardSplit, ShardSummary, StreamParts, channel_moments,
-                                 channel_statistics, is_shard_folder, payload_member, read_rows, write_dataset,
-                                 write_listed, write_shard_folder)
+from selfsup.data.shards import (Rows, ShardIndex, ShardReader, ShardSplit, ShardSummary, ShardWriter, StreamParts,
+                                 channel_moments, channel_statistics, is_shard_folder, payload_member, read_rows,
+                                 write_dataset, write_listed, write_shard_folder)
 from selfsup.data.sources import FileListing, list_file_source
 from selfsup.data.views import ImageViews, ViewsConfig, crop_flip_resize, normalise, sample_crop_boxes
 from selfsup.encoders import IMAGE_INPUTS
@@ -125,7 +125,7 @@ class ImageModality(Modality):
         vc = from_dict(ViewsConfig, cfg.views, prefix="views.")
         if isinstance(train, ShardSplit):  # a shards folder, streamed: what needs the whole split was kept at shard time
             index = train.index
-            mean, std = _shard_stats(index, d.channels)
+            mean, std = shard_stats(index, d.channels)
             views = ImageViews(vc, d.image_size, mean, std)
             parts = StreamParts(index.shards("train"), ShardReader(index.counts(), d.on_bad_file),
                                 DecodeImages(d.image_size, d.channels, d.on_bad_file, d.max_bad_fraction), sum,
@@ -174,38 +174,14 @@ class ImageModality(Modality):
         loaded as a run loads them (at data.image_size and data.channels) and stored as PNG. The
         training split's channel statistics (both RGB and grey) go into the index."""
         check_no_tokenizer(tokenizer_kind, self.name)
-        d = cfg.data
         listing = _image_listing(cfg)
 
         def write(writers: dict[str, Any], folder: Path) -> dict[str, Any]:
-            if listing is not None:
-                moments = np.zeros((len(listing.items), 13))  # per kept image: the sums its statistics are made of
+            fields, _ = write_image_samples(writers, cfg, listing if listing is not None else self.load(cfg, progress),
+                                            progress)
+            return fields
 
-                def checked(kept: int, pixels: np.ndarray) -> None:
-                    moments[kept] = channel_moments(pixels[None])[0]
-
-                with pixel_limit_is_error():
-                    fields = write_listed(writers, listing, lambda path: _decode(path, d.image_size, 3),
-                                          _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES,
-                                          d.holdout_fraction, cfg.seed, progress, checked=checked)
-                train_rows = fields.pop("train_rows")
-                train_moments = moments[train_rows]
-            else:
-                data = self.load(cfg, progress)
-                fields = write_dataset(writers, data, lambda i: {"png": png_bytes(data.images[i])}, d.holdout_fraction,
-                                       cfg.seed, progress)
-                train_rows = fields.pop("train_rows")
-                train_moments = np.concatenate([np.zeros((0, 13))] + [
-                    channel_moments(data.images[train_rows[i : i + 1024]].numpy())
-                    for i in range(0, len(train_rows), 1024)])
-            if not train_rows:
-                raise SelfsupError(f"{d.source}: the training split is empty (data.holdout_fraction="
-                                   f"{d.holdout_fraction}); add images or hold out fewer")
-            stats = {"image_size": d.image_size, "images": len(train_rows), **channel_statistics(train_moments)}
-            return {**fields, "seed": cfg.seed, "holdout_fraction": d.holdout_fraction, "label_column": d.label_column,
-                    "settings": {"stats": stats}}
-
-        return write_shard_folder(out, overwrite, self.name, shard_items, str(d.source), write)
+        return write_shard_folder(out, overwrite, self.name, shard_items, str(cfg.data.source), write)
 
     def load_shards(self, cfg: RunConfig, index: ShardIndex, split: str, progress: bool = True) -> ImageSet:
         return self._first(cfg, index, None, labelled=False, split=split, progress=progress)
@@ -214,13 +190,7 @@ class ImageModality(Modality):
                progress: bool = False) -> ImageSet:
         """The first `limit` images of a split of a shards folder (all with None; only labelled ones with
         `labelled`), decoded as a run decodes them."""
-        d = cfg.data
-        with pixel_limit_is_error():
-            rows = read_rows(index, split, payload_member(IMAGE_EXTENSIONS, "image"),
-                             lambda data: decode_image_bytes(data, d.image_size, d.channels),
-                             _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES, progress, limit, labelled)
-        images = (torch.from_numpy(np.stack(rows.values)) if rows.values else
-                  torch.zeros((0, d.channels, d.image_size, d.image_size), dtype=torch.uint8))
+        images, rows = read_images(cfg, index, split, progress, limit, labelled)
         return ImageSet(images=images, ids=rows.ids, labels=rows.labels, classes=rows.classes, groups=rows.groups,
                         source=index.source)
 
@@ -245,7 +215,65 @@ class ImageModality(Modality):
 FIT_ITEMS = 8192  # a streamed run fits data-fitted targets (BEiT, colourisation) on this many first training images
 
 
-def _shard_stats(index: ShardIndex, channels: int) -> tuple[list[float], list[float]]:
+def write_image_samples(writers: dict[str, ShardWriter], cfg: RunConfig, source: FileListing | Any, progress: bool,
+                        members: Callable[[int], dict[str, bytes]] | None = None) -> tuple[dict[str, Any], list[int]]:
+    """Writes a source's images into the writers of both splits, as `data shard` stores images (shared by
+    images and image–text pairs): a listed folder or manifest (`FileListing`) has every file checked
+    (decoded at data.image_size) under the bad-file rule, split as a run splits it and copied byte for
+    byte (`shards.write_listed`); a dataset loaded in memory (a built-in, an .npz) is split alike and
+    stored as PNG (`shards.write_dataset`). `members(row)` adds members to each row's sample (image–text:
+    its captions). Returns the index's fields, with the training split's channel statistics (RGB and
+    grey) as settings {"stats"}, and the training rows in source order as rows of `source` (listing
+    items or dataset rows), for what else a modality fits on the training split (a tokenizer)."""
+    d = cfg.data
+    if isinstance(source, FileListing):
+        moments = np.zeros((len(source.items), 13))  # per kept image: the sums its statistics are made of
+        kept: list[int] = []
+
+        def checked(number: int, pixels: np.ndarray) -> None:
+            moments[number] = channel_moments(pixels[None])[0]
+
+        with pixel_limit_is_error():
+            fields = write_listed(writers, source, lambda path: _decode(path, d.image_size, 3),
+                                  _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES, d.holdout_fraction,
+                                  cfg.seed, progress, checked=checked, after_check=kept.extend, members=members)
+        train_rows = fields.pop("train_rows")
+        train_moments = moments[train_rows]
+        source_rows = [kept[i] for i in train_rows]
+    else:
+        fields = write_dataset(writers, source, lambda i: {"png": png_bytes(source.images[i]),
+                                                           **(members(i) if members is not None else {})},
+                               d.holdout_fraction, cfg.seed, progress)
+        source_rows = train_rows = fields.pop("train_rows")
+        train_moments = np.concatenate([np.zeros((0, 13))] + [
+            channel_moments(source.images[train_rows[i : i + 1024]].numpy()) for i in range(0, len(train_rows), 1024)])
+    if not train_rows:
+        raise SelfsupError(f"{d.source}: the training split is empty (data.holdout_fraction={d.holdout_fraction}); "
+                           "add images or hold out fewer")
+    stats = {"image_size": d.image_size, "images": len(train_rows), **channel_statistics(train_moments)}
+    return {**fields, "seed": cfg.seed, "holdout_fraction": d.holdout_fraction, "label_column": d.label_column,
+            "settings": {"stats": stats}}, source_rows
+
+
+def read_images(cfg: RunConfig, index: ShardIndex, split: str, progress: bool, limit: int | None = None,
+                labelled: bool = False, besides: tuple[str, ...] = (),
+                extra: Callable[[str, dict[str, bytes]], Any] | None = None) -> tuple[Tensor, Rows]:
+    """(uint8 images [N, C, S, S], their rows) of the first `limit` samples of a split of a shards folder
+    (all with None; only labelled ones with `labelled`), decoded as a run decodes them, under the
+    bad-file rule; `besides` and `extra` as `shards.payload_member` and `shards.read_rows` take them
+    (image–text: the captions member, read beside each image)."""
+    d = cfg.data
+    with pixel_limit_is_error():
+        rows = read_rows(index, split, payload_member(IMAGE_EXTENSIONS, "image", besides),
+                         lambda data: decode_image_bytes(data, d.image_size, d.channels),
+                         _BadFilePolicy(d.on_bad_file, d.max_bad_fraction), IMAGE_FILES, progress, limit, labelled,
+                         extra)
+    images = (torch.from_numpy(np.stack(rows.values)) if rows.values else
+              torch.zeros((0, d.channels, d.image_size, d.image_size), dtype=torch.uint8))
+    return images, rows
+
+
+def shard_stats(index: ShardIndex, channels: int) -> tuple[list[float], list[float]]:
     """The training split's channel mean and std kept in a shards folder's index, for `channels`."""
     try:
         stats = index.settings["stats"]["grey" if channels == 1 else "rgb"]

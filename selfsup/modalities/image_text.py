@@ -10,7 +10,13 @@
   records its own modality's preprocessing (the image tower's normalisation, the text tower's
   tokenizer), so either tower is read by the image or the text reader like any other encoder;
 - reading: a pair modality has no encoder of its own: `reader` is never asked for one (each tower's
-  encoder.json names `image` or `text`), and `PairSet` offers `images` and `texts` to those readers.
+  encoder.json names `image` or `text`), and `PairSet` offers `images` and `texts` to those readers;
+- shards (`selfsup data shard --modality image_text`): images stored as image shards store them (the
+  files' bytes, checked once; the built-in as PNG; the training split's channel statistics in the
+  index), each with all its captions as text (`KEY.captions.json`), and the BPE tokenizer trained on
+  the training captions (or `tokenizer.path`) as `tokenizer.json`. A streamed run reads with that
+  tokenizer (or its own `tokenizer.path`: captions are text), so nothing is read whole at start-up;
+  its batches come from `data/stream.py` and are built as in-memory ones are (`pair_batch`).
 
 Methods that train on pairs (`inputs="pairs"`) offer `embed_images(views) -> [B, E]` and
 `embed_texts(input_ids, attention_mask) -> [B, E]`, unit-normalised in a shared space: the monitor
@@ -20,6 +26,7 @@ and zero-shot classification use them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.config import HF_TOWER_PREFIX, RunConfig, from_dict
-from selfsup.data.pairs import PairSet, load_pair_source
+from selfsup.data.pairs import (CAPTIONS, PAIR_BUILTINS, DecodePairs, PairListing, PairSet, captions_member,
+                                collate_pairs, list_pair_manifest, load_pair_source, pair_manifest, sample_captions)
 from selfsup.data.pipeline import channel_stats
-from selfsup.data.tokenizer import TextTokenizer
+from selfsup.data.shards import (ShardIndex, ShardReader, ShardSplit, ShardSummary, StreamParts, is_shard_folder,
+                                 write_shard_folder)
+from selfsup.data.tokenizer import TextTokenizer, train_tokenizer
 from selfsup.data.views import ImageViews, ViewsConfig, normalise
 from selfsup.encoders import IMAGE_INPUTS, TEXT_INPUTS
 from selfsup.errors import SelfsupError
-from selfsup.modalities.base import Assembly, Modality, Reader
+from selfsup.modalities.base import Assembly, Modality, Reader, check_no_tokenizer
+from selfsup.modalities.image import read_images, shard_stats, write_image_samples
 from selfsup.modalities.text import TOKENIZER_FILE, run_tokenizer
 from selfsup.train.runtime import Runtime
 
@@ -86,21 +97,79 @@ class PairBatches:
 
     def __call__(self, indices: Tensor, generator: torch.Generator) -> dict[str, Any]:
         images = self.data.images[indices].to(self.device)  # uint8 [B, C, H, W]
-        views = self.views(images, generator)
-        # which caption of each image: drawn after the views, from the step's generator
-        draw = torch.rand(len(indices), generator=generator, device=generator.device).cpu()  # [B]
-        pick = (draw * self.num_captions[indices]).long().clamp_max(self.num_captions[indices] - 1)  # [B]
-        rows = self.first_caption[indices] + pick
-        mask = self.mask[rows]
-        width = int(mask.sum(dim=1).max())  # trim the batch's common padding
-        batch: dict[str, Any] = {
-            "views": views, "input_ids": self.ids[rows, :width].to(self.device),
-            "attention_mask": mask[:, :width].to(self.device), "caption": pick, "generator": generator,
-            "id": [self.data.ids[i] for i in indices.tolist()], "index": indices,
-        }
-        if self.data.labels is not None:
-            batch["label"] = self.data.labels[indices].to(self.device)
-        return batch
+        first = self.first_caption[indices]
+
+        def tokens(pick: Tensor) -> tuple[Tensor, Tensor]:
+            return self.ids[first + pick], self.mask[first + pick]
+
+        labels = None if self.data.labels is None else self.data.labels[indices].to(self.device)
+        return pair_batch(self.views, images, self.num_captions[indices], tokens,
+                          [self.data.ids[i] for i in indices.tolist()], labels, generator, indices)
+
+
+class PairStreamBatches:
+    """The pairs batches of a streamed shards folder: `stream_parts` (data/stream.py reads them in its
+    workers: images decoded at the run's size there, captions kept as text, `pairs.DecodePairs`) and
+    `(collated, generator)` -> the batch dict `PairBatches` makes, from a collated micro-batch (uint8
+    [B, C, S, S], ids, labels int64 [B], each image's captions), tokenizing only the drawn captions."""
+
+    def __init__(self, stream_parts: StreamParts, views: ImageViews, tokenizer: TextTokenizer, seq_len: int,
+                 device: torch.device, labelled: bool, num_items: int):
+        self.stream_parts, self.views, self.tokenizer, self.seq_len = stream_parts, views, tokenizer, seq_len
+        self.device, self.labelled = device, labelled
+        self.num_items = num_items  # the training split's pairs (the stream's epochs are its own)
+
+    def __call__(self, collated: tuple[Tensor, list[str], Tensor, list[tuple[str, ...]]],
+                 generator: torch.Generator) -> dict[str, Any]:
+        images, ids, labels, captions = collated
+
+        def tokens(pick: Tensor) -> tuple[Tensor, Tensor]:
+            return caption_ids(self.tokenizer, [c[int(k)] for c, k in zip(captions, pick)], self.seq_len)
+
+        return pair_batch(self.views, images.to(self.device, non_blocking=True),
+                          torch.tensor([len(c) for c in captions]), tokens, list(ids),
+                          labels.to(self.device) if self.labelled else None, generator)
+
+
+def pair_batch(views: ImageViews, images: Tensor, num_captions: Tensor,
+               tokens: Callable[[Tensor], tuple[Tensor, Tensor]], ids: list[str], labels: Tensor | None,
+               generator: torch.Generator, index: Tensor | None = None) -> dict[str, Any]:
+    """The pairs batch of uint8 images [B, C, H, W] on the device (in memory or streamed alike): one view
+    of each image, then which of its `num_captions` [B] captions it is paired with, drawn from the step's
+    generator after the views; `tokens(pick)` gives the picked captions' (input_ids, mask) [B, >= L],
+    trimmed here to the batch's longest caption L."""
+    batch_views = views(images, generator)
+    draw = torch.rand(len(images), generator=generator, device=generator.device).cpu()  # [B]
+    pick = (draw * num_captions).long().clamp_max(num_captions - 1)  # [B]
+    input_ids, mask = tokens(pick)
+    width = int(mask.sum(dim=1).max())  # trim the batch's common padding
+    batch: dict[str, Any] = {
+        "views": batch_views, "input_ids": input_ids[:, :width].to(images.device),
+        "attention_mask": mask[:, :width].to(images.device), "caption": pick, "generator": generator, "id": ids,
+    }
+    if index is not None:  # a streamed batch has no in-memory rows to index
+        batch["index"] = index
+    if labels is not None:
+        batch["label"] = labels
+    return batch
+
+
+CAPTION_TOKENIZER = "bpe"  # the tokenizer kind `data shard` trains on captions: CLIP's (pair methods' `tokenizer`)
+
+
+def _stream_tokenizer(cfg: RunConfig, out: Path, index: ShardIndex, runtime: Runtime, kind: str) -> TextTokenizer:
+    """A streamed run's caption tokenizer, without reading the captions: the run's tokenizer.json when it
+    has one (a resume), else `tokenizer.path` (captions are stored as text, so any tokenizer reads
+    them), else the shards folder's, trained on its training captions at shard time. Rank 0 writes it."""
+    if runtime.is_main and cfg.tokenizer.path is None and not (out / TOKENIZER_FILE).exists():
+        tokenizer = TextTokenizer.load(index.folder / TOKENIZER_FILE)
+        if tokenizer.kind != kind:
+            raise SelfsupError(f"{index.folder / TOKENIZER_FILE}: a {tokenizer.kind} tokenizer, but method "
+                               f"`{cfg.method['name']}` needs {kind}; pass tokenizer.path=FILE of a {kind} tokenizer "
+                               f"(`selfsup tokenizer train --kind {kind}`), or shard the source again")
+        tokenizer.save(out / TOKENIZER_FILE)
+    # the file now exists (or tokenizer.path is copied): nothing is trained, so no caption is read
+    return run_tokenizer(cfg, out, _Captions([]), runtime, kind)
 
 
 def _max_positions(folder: Path) -> int:
@@ -186,6 +255,8 @@ class ImageTextModality(Modality):
 
     def load(self, cfg: RunConfig, progress: bool = True) -> PairSet:
         d = cfg.data
+        if is_shard_folder(d.source):  # written by `data shard`: both splits, read into memory
+            return self.load_shard_folder(cfg, progress)
         return load_pair_source(d.source, d.image_size, d.channels, text_field=d.text_field, on_bad=d.on_bad_file,
                                 max_bad_fraction=d.max_bad_fraction, label_column=d.label_column,
                                 group_columns=d.group_columns, progress=progress)
@@ -193,10 +264,11 @@ class ImageTextModality(Modality):
     def join(self, first: PairSet, second: PairSet) -> PairSet:
         return PairSet.join(first, second)
 
-    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: PairSet, holdout: PairSet, spec: Any,
-                 progress: bool = True) -> Assembly:
+    def assemble(self, cfg: RunConfig, out: Path, runtime: Runtime, train: PairSet | ShardSplit, holdout: PairSet,
+                 spec: Any, progress: bool = True) -> Assembly:
         d = cfg.data
         seq_len = d.seq_len
+        streamed = isinstance(train, ShardSplit)  # a shards folder: what needs the whole split was kept at shard time
         text_tower = str(cfg.encoders.get("text", {}).get("name", ""))
         if text_tower.startswith(HF_TOWER_PREFIX):  # a Hugging Face text tower reads with its own tokenizer
             folder = Path(text_tower.removeprefix(HF_TOWER_PREFIX)).expanduser()
@@ -204,18 +276,31 @@ class ImageTextModality(Modality):
             if runtime.is_main and not (out / TOKENIZER_FILE).exists():
                 tokenizer.save(out / TOKENIZER_FILE)
             seq_len = min(seq_len, _max_positions(folder))
+        elif streamed:
+            tokenizer = _stream_tokenizer(cfg, out, train.index, runtime, spec.tokenizer or "bpe")
         else:
             tokenizer = run_tokenizer(cfg, out, _Captions([c for cs in train.captions for c in cs]), runtime,
                                       spec.tokenizer or "bpe")
-        mean, std = channel_stats(train.images)
+        mean, std = shard_stats(train.index, d.channels) if streamed else channel_stats(train.images)
         image_pre = {"modality": "image", "image_size": d.image_size, "channels": d.channels, "mean": mean, "std": std}
         text_pre = {"modality": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
                     "seq_len": seq_len}
         views = ImageViews(from_dict(ViewsConfig, {**PAIR_VIEWS, **cfg.views}, prefix="views."), d.image_size,
                            mean, std)
-        batches = PairBatches(train, views, tokenizer, seq_len, runtime.device)
-        log.info("image–text: %d training pairs (%d captions), %d held out; vocabulary %d", len(train),
-                 int(batches.num_captions.sum()), len(holdout), tokenizer.vocab_size)
+        batches: PairBatches | PairStreamBatches
+        if streamed:
+            index = train.index
+            parts = StreamParts(index.shards("train"), ShardReader(index.counts(), d.on_bad_file),
+                                DecodePairs(d.image_size, d.channels, d.on_bad_file, d.max_bad_fraction), sum,
+                                collate_pairs, d.workers, d.shuffle_buffer)
+            batches = PairStreamBatches(parts, views, tokenizer, seq_len, runtime.device, index.classes is not None,
+                                        len(train))
+            num_captions = int(index.settings.get("captions", 0))
+        else:
+            batches = PairBatches(train, views, tokenizer, seq_len, runtime.device)
+            num_captions = int(batches.num_captions.sum())
+        log.info("image–text: %d training pairs (%d captions%s), %d held out; vocabulary %d", len(train),
+                 num_captions, ", streamed" if streamed else "", len(holdout), tokenizer.vocab_size)
 
         def monitor(rt: Runtime, encoder_of):
             if len(holdout) < 2:
@@ -237,6 +322,55 @@ class ImageTextModality(Modality):
             {"image": image_pre, "text": text_pre}, dict(cfg.method), monitor,
             tower_files={"text": {TOKENIZER_FILE: lambda folder: tokenizer.save(folder / TOKENIZER_FILE)}},
         )
+
+    # -- sharded sources ------------------------------------------------------------------------
+
+    def write_shards(self, cfg: RunConfig, out: Path, shard_items: int, overwrite: bool, progress: bool = True,
+                     tokenizer_kind: str | None = None) -> ShardSummary:
+        """Images as image shards hold them (`image.write_image_samples`: a manifest's files checked at
+        data.image_size under the bad-file rule, split as a run splits them and copied byte for byte; the
+        built-in loaded as a run loads it and stored as PNG; channel statistics in the index), each sample
+        with all its captions as text (KEY.captions.json). Then the captions' tokenizer — BPE, what pair
+        methods read, trained on the training captions with `tokenizer.*` as a run trains it, or
+        `tokenizer.path` — is saved as tokenizer.json, so that a streamed run need not read every caption
+        before its first step."""
+        check_no_tokenizer(tokenizer_kind, self.name)
+        d = cfg.data
+        source = str(d.source)
+        if is_shard_folder(source):
+            raise SelfsupError(f"{source}: already a shards folder; train on it with data.source={source}")
+        listing: PairListing | None = None
+        if source not in PAIR_BUILTINS:
+            listing = list_pair_manifest(pair_manifest(source), d.text_field, d.label_column, d.group_columns)
+        given = None if cfg.tokenizer.path is None else TextTokenizer.load(Path(cfg.tokenizer.path))
+
+        def write(writers: dict[str, Any], folder: Path) -> dict[str, Any]:
+            rows: Any
+            if listing is not None:
+                rows, captions = listing.files, listing.captions
+            else:
+                rows = self.load(cfg, progress)
+                captions = rows.captions
+            fields, train_rows = write_image_samples(writers, cfg, rows, progress,
+                                                     lambda row: captions_member(captions[row]))
+            train_captions = [caption for row in train_rows for caption in captions[row]]
+            if given is not None:
+                tokenizer = given
+            else:
+                log.info("training a %s tokenizer (vocab %d) on %d training captions", CAPTION_TOKENIZER,
+                         cfg.tokenizer.vocab_size, len(train_captions))
+                tokenizer = train_tokenizer(train_captions, CAPTION_TOKENIZER, cfg.tokenizer.vocab_size,
+                                            cfg.tokenizer.min_frequency)
+            tokenizer.save(folder / TOKENIZER_FILE)
+            fields["settings"].update({"captions": len(train_captions), "tokenizer": TOKENIZER_FILE,
+                                       "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size})
+            return fields
+
+        return write_shard_folder(out, overwrite, self.name, shard_items, source, write)
+
+    def load_shards(self, cfg: RunConfig, index: ShardIndex, split: str, progress: bool = True) -> PairSet:
+        images, rows = read_images(cfg, index, split, progress, besides=(CAPTIONS,), extra=sample_captions)
+        return PairSet(images, rows.extras, rows.ids, rows.labels, rows.classes, rows.groups, index.source)
 
     def reader(self, preprocess: dict[str, Any], folder: Path | None) -> Reader:
         raise SelfsupError("image–text pairs are read by each tower's own reader (its encoder.json names `image` or "

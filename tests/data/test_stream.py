@@ -288,3 +288,65 @@ def read_pixels(samples):
 
 
 read_pixels.per_sample = True
+
+
+# ----------------------------------------------------------------------- image–text pair shards
+
+
+@pytest.fixture(scope="module")
+def pair_parts(tmp_path_factory):
+    """The stream parts a CLIP run assembles from image–text shards (`selfsup data shard --modality
+    image_text` of a 16-pair manifest: 12 training pairs in 4 shards of 3), with 2 readers per rank."""
+    from selfsup.cli import main
+    from selfsup.config import load_config
+    from selfsup.methods import method_spec
+    from selfsup.modalities import MODALITIES, load_splits
+    from selfsup.train.runtime import Runtime
+    from tests.modalities.test_shard_sources import PAIR_SHARD, write_pairs
+
+    root = tmp_path_factory.mktemp("pairs")
+    assert main(["data", "shard", str(write_pairs(root / "source")), "--out", str(root / "shards"), *PAIR_SHARD]) == 0
+    cfg = load_config(None, ["method.name=clip", f"data.source={root / 'shards'}", "data.image_size=8",
+                             "data.workers=2", "data.shuffle_buffer=4"])
+    train, holdout = load_splits(cfg, progress=False, stream=True)
+    (root / "run").mkdir()
+    batches = MODALITIES["image_text"].assemble(cfg, root / "run", Runtime(torch.device("cpu"), None), train, holdout,
+                                                method_spec("clip"), progress=False).batches
+    return batches.stream_parts
+
+
+def pair_stream(parts, rank: int, in_process: bool = True) -> ShardStream:
+    return ShardStream(parts.shards, read=parts.read, to_items=parts.to_items, items_in=parts.items_in,
+                       collate=parts.collate, seed=0, rank=rank, world_size=2, workers=parts.workers, micro_batch=3,
+                       shuffle_buffer=parts.shuffle_buffer, in_process=in_process)
+
+
+def test_image_text_pairs_are_seen_once_per_epoch_across_2_ranks_x_2_workers(pair_parts):
+    # 4 shards of 3 pairs to 2 ranks x 2 readers: one shard each, one micro-batch of 3 per reader.
+    ranks = [pair_stream(pair_parts, r) for r in range(2)]
+    assert [s.steps_per_epoch for s in ranks] == [2, 2]
+    orders = []
+    for epoch in range(3):
+        batches = [b for s in ranks for b in draw(s, 2)]
+        ids = [id for _, batch_ids, _, _ in batches for id in batch_ids]
+        assert len(ids) == len(set(ids)) == 12, f"epoch {epoch}"
+        for images, batch_ids, labels, captions in batches:  # decoded pairs: pixels, labels and every caption
+            assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and labels.shape == (3,)
+            assert all(c and all(isinstance(t, str) and t for t in c) for c in captions)
+        orders.append(ids)
+    assert orders[0] != orders[1], "each epoch has its own order"
+    with pair_stream(pair_parts, 0, in_process=False) as workers:  # 2 DataLoader worker processes
+        assert [b[1] for b in draw(workers, 4)] == [b[1] for b in draw(pair_stream(pair_parts, 0), 4)]
+
+
+@pytest.mark.parametrize("stop", [1, 3])
+def test_an_image_text_stream_resumes_mid_epoch_without_repeating_or_skipping(pair_parts, stop):
+    for rank in range(2):
+        whole = draw(pair_stream(pair_parts, rank), 6)
+        first = pair_stream(pair_parts, rank)
+        head = draw(first, stop)
+        resumed = pair_stream(pair_parts, rank)
+        resumed.load_state_dict(first.state_dict())
+        rest = draw(resumed, 6 - stop)
+        assert [b[1] for b in head + rest] == [b[1] for b in whole], f"rank {rank}"
+        assert all(torch.equal(a[0], b[0]) and a[3] == b[3] for a, b in zip(head + rest, whole))

@@ -1,12 +1,15 @@
 """`selfsup data shard` per modality (issue 18): every item, label, group and id survives the shards, the
 held-out split equals the one a run makes of the source in memory, bad files follow `data.on_bad_file`,
-the refusals, and pretraining streamed from a shards folder for images, text and audio."""
+the refusals, and pretraining streamed from a shards folder for images, text, audio and image–text pairs."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +20,14 @@ from PIL import Image
 
 from selfsup.cli import SHARD_MODALITIES, main
 from selfsup.config import load_config
+from selfsup.data.pairs import DecodePairs
 from selfsup.data.pipeline import channel_stats, token_ids
-from selfsup.data.shards import ShardSplit, load_index
-from selfsup.data.tokenizer import TextTokenizer
+from selfsup.data.shards import SPLITS, ShardSplit, load_index, read_shard
+from selfsup.data.tokenizer import TextTokenizer, train_tokenizer
 from selfsup.errors import SelfsupError
 from selfsup.modalities import MODALITIES, load_splits
 from selfsup.pretrain import pretrain
+from tests.data.test_pairs import prepared_emoji  # noqa: F401 (a fixture)
 
 IMAGE_RUN = ["data.image_size=16", "encoder.name=resnet10", "encoder.width=8", "train.batch_size=4", "train.steps=4",
              "train.checkpoint_every=2", "train.log_every=1", "train.precision=fp32", "train.device=cpu",
@@ -33,9 +38,36 @@ AUDIO_RUN = ["encoder.conv_channels=16", "encoder.dim=32", "encoder.depth=2", "e
 TEXT_RUN = ["method.name=mlm", "encoder.dim=32", "encoder.depth=1", "encoder.heads=2", "data.seq_len=16",
             "train.batch_size=4", "train.steps=3", "train.precision=fp32", "train.device=cpu", "train.log_every=1",
             "train.eval_max_blocks=8"]
+# how `data shard` reads the pair manifest (`write_pairs`), and a tiny CLIP run on its shards
+PAIR_SHARD = ["--modality", "image_text", "--shard-items", "3", "data.label_column=kind", "data.group_columns=[site]",
+              "data.holdout_fraction=0.25", "data.image_size=8", "tokenizer.vocab_size=300", "tokenizer.min_frequency=1"]
+CLIP_RUN = ["method.name=clip", "method.embed_dim=16", "encoders.image.dim=32", "encoders.image.depth=1",
+            "encoders.image.heads=2", "encoders.text.dim=32", "encoders.text.depth=1", "encoders.text.heads=2",
+            "data.image_size=8", "data.seq_len=12", "train.batch_size=4", "train.steps=4", "train.checkpoint_every=2",
+            "train.log_every=1", "train.precision=fp32", "train.device=cpu", "data.shuffle_buffer=4"]
 
 
 # ------------------------------------------------------------------ tiny sources
+
+
+def write_pairs(folder: Path) -> Path:
+    """A pair manifest of 16 small pictures (one JPEG), every third named twice (two captions), labelled by
+    `kind` (one unlabelled) with a `site` group: 12 training and 4 held-out pairs under PAIR_SHARD."""
+    rng = np.random.default_rng(1)
+    (folder / "img").mkdir(parents=True)
+    with open(folder / "pairs.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption", "kind", "site"])
+        for i in range(16):
+            name = f"img/{i}.jpg" if i == 4 else f"img/{i}.png"
+            kind = "" if i == 7 else ("warm", "cool")[i % 2]
+            base = 200 if kind == "warm" else 60
+            pixels = np.clip(base + rng.integers(-40, 40, (10, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name)
+            writer.writerow([name, f"a {kind or 'plain'} picture number {i}", kind, f"site{i % 3}"])
+            if i % 3 == 0:
+                writer.writerow([name, f"picture {i} once more", kind, f"site{i % 3}"])
+    return folder / "pairs.csv"
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +116,7 @@ def sources(tmp_path_factory) -> Path:
             t = np.arange(int(rate * (0.3 + 0.05 * i))) / rate
             wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))
             soundfile.write(root / "tones" / c / f"{i}.wav", wave.astype(np.float32), rate, subtype="PCM_16")
+    write_pairs(root / "pairs")
     return root
 
 
@@ -113,7 +146,7 @@ def assert_same_rows(shards, memory, values: str) -> None:
         for column in memory.groups:
             assert shards.groups[column][i] == memory.groups[column][j]
         mine, theirs = getattr(shards, values)[i], getattr(memory, values)[j]
-        assert mine == theirs if isinstance(mine, str) else torch.equal(mine, theirs)
+        assert torch.equal(mine, theirs) if isinstance(mine, torch.Tensor) else mine == theirs
 
 
 # ------------------------------------------------------------------ round trips
@@ -230,6 +263,88 @@ def test_an_audio_folder_round_trips(sources, tmp_path):
     assert {n.split(".", 1)[1] for n in tar_names} == {"wav", "json"}  # the files' own bytes
 
 
+def test_an_image_text_manifest_round_trips_with_all_its_captions(sources, tmp_path):
+    manifest = sources / "pairs" / "pairs.csv"
+    out = tmp_path / "pairs"
+    shard(manifest, out, *PAIR_SHARD)
+    index = load_index(out)
+    assert index.modality == "image_text" and index.classes == ["cool", "warm"] and index.group_columns == ["site"]
+    assert index.items("train") == 12 and [n for _, n in index.shards("train")] == [3, 3, 3, 3]
+    train, holdout = splits(out, "method.name=clip", "data.image_size=8")
+    mem_train, mem_holdout = splits(manifest, "method.name=clip", *PAIR_SHARD[4:])
+    # the held-out split: the same pairs in the same (source) order, decoded alike, every caption kept
+    assert holdout.ids == mem_holdout.ids and holdout.captions == mem_holdout.captions
+    assert torch.equal(holdout.images, mem_holdout.images) and torch.equal(holdout.labels, mem_holdout.labels)
+    assert holdout.groups == mem_holdout.groups
+    for values in ("images", "captions"):
+        assert_same_rows(train, mem_train, values)
+    assert sorted(len(c) for c in train.captions + holdout.captions) == [1] * 10 + [2] * 6
+    assert -1 in train.labels.tolist() + holdout.labels.tolist()
+    # the captions' tokenizer is the one an in-memory run trains on its training captions
+    tokenizer = TextTokenizer.load(out / "tokenizer.json")
+    again = train_tokenizer([c for cs in mem_train.captions for c in cs], "bpe", 300, 1)
+    texts = [c for cs in mem_holdout.captions + mem_train.captions for c in cs]
+    assert tokenizer.kind == "bpe" and again.encode_batch(texts) == tokenizer.encode_batch(texts)
+    assert index.settings["captions"] == sum(len(c) for c in mem_train.captions)
+    mean, std = channel_stats(mem_train.images)
+    stats = index.settings["stats"]["rgb"]
+    assert np.allclose(stats["mean"], mean, atol=1e-6) and np.allclose(stats["std"], std, atol=1e-6)
+    # the files' own bytes (PNG and JPEG) beside the captions and the metadata
+    names = {n for split in SPLITS for p, _ in index.shards(split) for n in tarfile.open(p).getnames()}
+    assert {n.split(".", 1)[1] for n in names} == {"png", "jpg", "captions.json", "json"}
+    whole = MODALITIES["image_text"].load(load_config(None, [f"data.source={out}", "method.name=clip",
+                                                              "data.image_size=8"]))
+    assert whole.ids == train.ids + holdout.ids and whole.captions == train.captions + holdout.captions
+
+
+def test_the_emoji_builtin_is_stored_as_png_with_its_names(prepared_emoji, tmp_path):  # noqa: F811 (the fixture)
+    settings = ["data.image_size=8", "data.holdout_fraction=0.3"]
+    shard("emoji", tmp_path / "emoji", "--modality", "image_text", *settings, "tokenizer.vocab_size=300",
+          "tokenizer.min_frequency=1")
+    train, holdout = splits(tmp_path / "emoji", "method.name=clip", "data.image_size=8")
+    mem_train, mem_holdout = splits("emoji", "method.name=clip", *settings)
+    assert holdout.ids == mem_holdout.ids and holdout.captions == mem_holdout.captions
+    assert torch.equal(holdout.images, mem_holdout.images) and holdout.groups == mem_holdout.groups
+    for values in ("images", "captions"):
+        assert_same_rows(train, mem_train, values)
+    index = load_index(tmp_path / "emoji")
+    names = {n for p, _ in index.shards("train") for n in tarfile.open(p).getnames()}
+    assert {n.split(".", 1)[1] for n in names} == {"png", "captions.json", "json"}
+
+
+def _spoil_first_image(shard_path: Path) -> str:
+    """Rewrites a shard with its first image member's bytes replaced by garbage; returns that member's name."""
+    with tarfile.open(shard_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith((".png", ".jpg")))
+    with tarfile.open(shard_path, "w") as tar:
+        for member, data in members:
+            data = b"\x89PNG\r\n\x1a\n not really" if member.name == victim else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim
+
+
+def test_a_corrupt_image_member_of_a_pair_is_named_or_skipped_and_counted(sources, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    shard(sources / "pairs" / "pairs.csv", out, *PAIR_SHARD)  # the CLI logs to this test's stderr from here on
+    path = load_index(out).shards("train")[1][0]
+    victim = _spoil_first_image(path)
+    where = re.escape(f"{path.name}:{victim}")
+    with pytest.raises(SelfsupError, match=rf"{where}: .*data.on_bad_file=skip"):
+        splits(out, "method.name=clip", "data.image_size=8")  # both splits read into memory
+    with pytest.raises(SelfsupError, match=rf"{where}: .*data.on_bad_file=skip"):
+        list(DecodePairs(8, 3)(read_shard(path)))  # a stream's worker
+    skip = ["data.on_bad_file=skip", "data.max_bad_fraction=0.5"]
+    capsys.readouterr()
+    train, _ = splits(out, "method.name=clip", "data.image_size=8", *skip)
+    logged = capsys.readouterr().err
+    assert len(train) == 11 and "skipped 1 of 12 image files" in logged and victim in logged
+    items = list(DecodePairs(8, 3, "skip", 0.5)(read_shard(path)))
+    assert len(items) == 2 and f"skipped {path}:{victim}" in capsys.readouterr().err
+    assert all(len(captions) >= 1 and isinstance(captions[0], str) for _, _, _, captions in items)
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -238,7 +353,10 @@ def test_refusals(sources, tmp_path, capsys):
         assert main(["data", "shard", *args]) == 2
         return capsys.readouterr().err
 
-    assert "not yet" in fails(str(sources / "pets"), "--out", str(tmp_path / "a"), "--modality", "image_text")
+    assert "is a folder; give a built-in (emoji) or a .csv/.jsonl manifest" in fails(
+        str(sources / "pets"), "--out", str(tmp_path / "a"), "--modality", "image_text")
+    assert "--tokenizer-kind is for text" in fails(str(sources / "pairs" / "pairs.csv"), "--out", str(tmp_path / "f"),
+                                                   "--modality", "image_text", "--tokenizer-kind", "bpe")
     assert "give the others to `selfsup pretrain`" in fails(str(sources / "pets"), "--out", str(tmp_path / "b"),
                                                             "train.steps=3")
     assert "as the SOURCE argument" in fails(str(sources / "pets"), "--out", str(tmp_path / "c"), "data.source=x")
@@ -248,7 +366,7 @@ def test_refusals(sources, tmp_path, capsys):
     assert "already a shards folder" in fails(str(tmp_path / "pets"), "--out", str(tmp_path / "e"))
     with pytest.raises(SelfsupError, match="holds image shards, but this run reads text"):
         splits(tmp_path / "pets", "method.name=mlm")
-    assert set(SHARD_MODALITIES) <= set(MODALITIES) and {"image", "text", "audio"} <= set(SHARD_MODALITIES)
+    assert set(SHARD_MODALITIES) <= set(MODALITIES) and {"image", "text", "audio", "image_text"} <= set(SHARD_MODALITIES)
 
 
 def test_text_runs_read_with_the_shards_tokenizer_only(sources, tmp_path):
@@ -313,3 +431,59 @@ def test_audio_pretraining_streams(sources, tmp_path):
                                          "data.workers=0", "method.fit_max_frames=500"]),
                       tmp_path / "hubert", show_progress=False, report=False)
     assert hubert.fit.steps == 1
+
+
+def test_clip_pretraining_streams_image_text_shards_resumes_and_probes(sources, tmp_path):
+    out = tmp_path / "pairs"
+    shard(sources / "pairs" / "pairs.csv", out, *PAIR_SHARD)
+    run = tmp_path / "run"
+    assert main(["pretrain", f"data.source={out}", *CLIP_RUN, "data.workers=2", "train.eval_every=2",
+                 "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and "heldout_i2t_r1" in rows[-1]  # the retrieval monitor on the held-out pairs
+    shard_tokenizer = TextTokenizer.load(out / "tokenizer.json")._tokenizer.to_str(pretty=True)
+    assert (run / "tokenizer.json").read_text() == (run / "towers" / "text" / "tokenizer.json").read_text() \
+        == shard_tokenizer
+    assert main(["probe", str(run), "--tower", "image", "--fractions", "1.0"]) == 0  # both splits loaded in memory
+    # a streamed run interrupted mid-epoch (2 steps per epoch) and resumed ends where an uninterrupted one does
+    cfg = [f"data.source={out}", *CLIP_RUN, "data.workers=0", "train.checkpoint_every=1"]
+    whole = pretrain(load_config(None, cfg), tmp_path / "whole", show_progress=False, report=False)
+    pretrain(load_config(None, cfg), tmp_path / "parts", stop_after=3, show_progress=False, report=False)
+    resumed = pretrain(None, tmp_path / "parts", resume=True, show_progress=False, report=False)
+    assert resumed.fit.last_row["loss"] == whole.fit.last_row["loss"]
+    # captions are text: a run may read them with its own tokenizer.path instead of the folder's
+    own = train_tokenizer(["a warm picture", "a cool picture"] * 4, "bpe", 280, 1)
+    own.save(tmp_path / "own.json")
+    pretrain(load_config(None, [*cfg, f"tokenizer.path={tmp_path / 'own.json'}", "train.steps=1"]), tmp_path / "own",
+             show_progress=False, report=False)
+    assert TextTokenizer.load(tmp_path / "own" / "tokenizer.json").vocab_size == own.vocab_size != \
+        TextTokenizer.load(out / "tokenizer.json").vocab_size
+
+
+def test_streamed_pair_batches_are_the_in_memory_ones(sources, tmp_path):
+    """A collated micro-batch from the shards and the same rows held in memory give the same batch
+    (views, drawn captions, token ids, masks, labels) under the same step generator."""
+    from selfsup.data.stream import stream_from_parts
+    from selfsup.methods import method_spec
+    from selfsup.modalities.image_text import PairBatches
+    from selfsup.train.runtime import Runtime
+
+    out = tmp_path / "pairs"
+    shard(sources / "pairs" / "pairs.csv", out, *PAIR_SHARD)
+    cfg = load_config(None, [f"data.source={out}", *CLIP_RUN, "data.workers=0"])
+    train, holdout = load_splits(cfg, progress=False, stream=True)
+    (tmp_path / "run").mkdir()
+    cpu = Runtime(torch.device("cpu"), None)
+    streamed = MODALITIES["image_text"].assemble(cfg, tmp_path / "run", cpu, train, holdout, method_spec("clip")).batches
+    memory = MODALITIES["image_text"].load_shards(cfg, load_index(out), "train", progress=False)
+    in_memory = PairBatches(memory, streamed.views, streamed.tokenizer, streamed.seq_len, cpu.device)
+    stream = stream_from_parts(streamed.stream_parts, seed=0, rank=0, world_size=1, micro_batch=4, accum_steps=1)
+    for step in range(3):
+        collated = stream.next()
+        rows = torch.tensor([memory.ids.index(id) for id in collated[1]])
+        a = streamed(collated, torch.Generator().manual_seed(step))
+        b = in_memory(rows, torch.Generator().manual_seed(step))
+        assert a["id"] == b["id"] and torch.equal(a["views"][0], b["views"][0]) and torch.equal(a["caption"], b["caption"])
+        for key in ("input_ids", "attention_mask", "label"):
+            assert torch.equal(a[key], b[key]), key
+        assert "index" not in a and torch.equal(b["index"], rows)
