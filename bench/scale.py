@@ -43,7 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, median  # noqa: E402
+from _common import REPO, cpu_model, median  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "metric": "samples_per_s", "corpus": corpus, "shard_s": round(shard_s, 1),
         "shard_items_per_s": round(args.items / shard_s, 1), "shards_mb": round(shard_mb, 1),
         "cap_mb": args.cap_mb if cap.path is not None else None, "rows": rows,
-        "cpu": _cpu_name(), "threads": 2, "workers": args.workers,
+        "cpu": cpu_model(), "threads": 2, "workers": args.workers,
     }
     print(json.dumps(line))
     head = f"{'run':<16} {'source':<20} {'cap MB':>7} {'ranks':>5} {'samples/s':>9} {'cgroup peak MB':>14} {'RSS peak MB':>11} {'wall s':>7}"
@@ -294,16 +294,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['run']:<16} {r['source']:<20} {str(r['cap_mb']):>7} {r['ranks']:>5} {str(r['samples_per_s']):>9} "
               f"{str(r['cgroup_peak_mb']):>14} {r['rss_peak_mb']:>11} {r['wall_s']:>7}  {r.get('note', '')}",
               file=sys.stderr)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

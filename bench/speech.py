@@ -102,24 +102,12 @@ from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, median, peak_rss_mb  # noqa: E402
+from _common import REPO, cpu_model, median, peak_rss_mb  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
 SAMPLE_RATE = 16000
 PRESET = "wav2vec2_tiny"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -32,6 +32,7 @@ import torch
 from selfsup.data.decode import _BadFilePolicy, _decode_all, check_bad_file_settings
 from selfsup.data.pipeline import DecodeImages, collate_images
 from selfsup.data.sources import FileListing, _cell, _manifest_labels, _read_manifest_rows, manifest_listing
+from selfsup.data.shards import json_member
 from selfsup.errors import SelfsupError
 
 PAIR_BUILTINS = ("emoji",)
@@ -205,15 +206,8 @@ def sample_captions(key: str, files: dict[str, bytes]) -> tuple[str, ...]:
     """A pair sample's captions (KEY.captions.json); an error naming the sample when the member is
     missing or is not a non-empty list of non-empty strings (a damaged or foreign shard: no caption
     can be made up, so it is never skipped as a bad image is)."""
-    raw = files.get(CAPTIONS)
-    if raw is None:
-        raise SelfsupError(f"{key}: the sample has no {CAPTIONS} member (its captions); is this folder of another "
-                           "modality? Write it again with `selfsup data shard --modality image_text`")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise SelfsupError(f"{key}.{CAPTIONS}: not valid JSON ({err}); write the shard again with "
-                           "`selfsup data shard`") from None
+    value = json_member(key, files, CAPTIONS, "its captions")
+    raw = files[CAPTIONS]
     if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
         raise SelfsupError(f"{key}.{CAPTIONS}: expected a non-empty list of captions, got {raw[:120]!r}; write the "
                            "shard again with `selfsup data shard`")

@@ -209,17 +209,25 @@ class ShardReader:
         return read_shard(path, self.counts.get(Path(path).name), self.on_bad)
 
 
+def json_member(key: str, files: dict[str, bytes], member: str, what: str) -> Any:
+    """A sample's JSON member KEY.`member` parsed; an error naming the sample when it is missing (holding
+    `what`) or is not valid JSON."""
+    raw = files.get(member)
+    if raw is None:
+        raise SelfsupError(f"{key}: the sample has no {member} member ({what}); write the shard again with "
+                           "`selfsup data shard` (of this folder's modality)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SelfsupError(f"{key}.{member}: not valid JSON ({err}); write the shard again with "
+                           "`selfsup data shard`") from None
+
+
 def sample_meta(key: str, files: dict[str, bytes]) -> dict[str, Any]:
     """A sample's KEY.json: {"id": str, "label": int (-1 = none), "groups": {column: str}}; an error
     naming the member when it is missing or malformed."""
-    raw = files.get(META)
-    if raw is None:
-        raise SelfsupError(f"{key}: the sample has no {META} member (its id and label); write the shard again "
-                           "with `selfsup data shard`")
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise SelfsupError(f"{key}.{META}: not valid JSON ({err}); write the shard again") from None
+    meta = json_member(key, files, META, "its id and label")
+    raw = files[META]
     if (not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or isinstance(meta.get("label"), bool)
             or not isinstance(meta.get("label"), int) or not isinstance(meta.get("groups", {}), dict)):
         raise SelfsupError(f"{key}.{META}: expected {{\"id\": str, \"label\": int, \"groups\": {{...}}}}, "
